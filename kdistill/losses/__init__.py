@@ -1,0 +1,25 @@
+"""KD losses: pure functions ``(student tensors, teacher targets, mask) -> scalar``.
+
+Every loss sums a per-position value over valid positions and divides by ``num_valid``
+(default: the valid positions of the call), in fp32. See ``docs/losses.md`` for the formulas.
+"""
+
+from kdistill.losses import response  # noqa: F401  (registers response losses)
+from kdistill.losses.chunked import HiddenTargets, LMHead, chunked_distribution_loss
+from kdistill.losses.reduce import mask_from_labels
+from kdistill.losses.registry import LossEntry, all_losses, get_loss, register_loss
+from kdistill.losses.response import SparseTargets, distribution_loss, per_position_divergence
+
+__all__ = [
+    "HiddenTargets",
+    "LMHead",
+    "LossEntry",
+    "SparseTargets",
+    "all_losses",
+    "chunked_distribution_loss",
+    "distribution_loss",
+    "get_loss",
+    "mask_from_labels",
+    "per_position_divergence",
+    "register_loss",
+]

@@ -1,0 +1,194 @@
+"""Chunked response loss for language models: no (tokens × vocabulary) tensor is ever kept.
+
+Given the student's final hidden states and its output head, the loss is computed over chunks
+of valid tokens. Each chunk's logits exist only while that chunk is processed: the chunk's
+contribution to the gradient of the hidden states and of the head is computed right then
+(autograd on the chunk) and accumulated, so backward costs no recomputation and peak memory is
+one chunk of logits (``chunk_size × V``) instead of all of them. The value and the gradients
+equal :func:`kdistill.losses.response.distribution_loss` on the full logits (same formula, same
+code: :func:`kdistill.losses.response.block_loss_sum` per chunk, one normalisation at the end).
+
+Output heads may scale and soft-cap logits (:class:`LMHead`): Gemma 2/3 use
+``cap · tanh(z / cap)`` (``final_logit_softcapping``), Cohere multiplies by ``logit_scale``,
+Granite divides by ``logits_scaling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.errors import ShapeError
+from kdistill.losses.reduce import check_mask, normalise, select_valid
+from kdistill.losses.response import (
+    DistributionSpec,
+    SparseTargets,
+    block_loss_sum,
+    check_targets,
+    shared_vocab_size,
+)
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """An output head: ``logits = softcap · tanh(scale · (h Wᵀ + b) / softcap)``.
+
+    weight: (V, H); bias: (V,) or None; scale: multiplier before capping; softcap: None for none.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale: float = 1.0, softcap: float | None = None) -> LMHead:
+        return cls(linear.weight, linear.bias, scale, softcap)
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """(N, H) -> (N, V) logits, optionally with stand-in weight/bias tensors."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        z = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+@dataclass(frozen=True)
+class HiddenTargets:
+    """Dense teacher targets given as its final hidden states and head: logits made per chunk.
+
+    hidden: (*lead, H_T); head: the teacher's :class:`LMHead`. Computed under ``no_grad``.
+    """
+
+    hidden: Tensor
+    head: LMHead
+
+
+Teacher = Tensor | SparseTargets | HiddenTargets
+
+
+def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int) -> Callable[[int, int], Tensor | SparseTargets]:
+    """Return ``rows(a, b)`` giving the teacher targets of valid rows a:b (logits or sparse)."""
+    if isinstance(teacher, SparseTargets):
+        flat = teacher.select(mask, lead_ndim)
+        return flat.rows
+    if isinstance(teacher, HiddenTargets):
+        hidden = select_valid(teacher.hidden, mask, lead_ndim)
+
+        def rows(a: int, b: int) -> Tensor:
+            with torch.no_grad():
+                return teacher.head.logits(hidden[a:b])
+
+        return rows
+    logits = select_valid(teacher, mask, lead_ndim)
+    return lambda a, b: logits[a:b]
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Σ_rows divergence over chunks; gradients computed per chunk in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head, rows, spec, vocab, chunk_size):  # type: ignore[override]
+        needs = ctx.needs_input_grad[:3]
+        h_all = hidden.detach()
+        w = weight.detach().requires_grad_(needs[1])
+        b = None if bias is None else bias.detach().requires_grad_(needs[2])
+        grad_h = torch.zeros_like(h_all) if needs[0] else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs[1] else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if needs[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for a in range(0, h_all.shape[0], chunk_size):
+            stop = min(a + chunk_size, h_all.shape[0])
+            h = h_all[a:stop].requires_grad_(needs[0])
+            with torch.enable_grad():
+                loss = block_loss_sum(head.logits(h, w, b), rows(a, stop), spec, vocab)
+            inputs = [x for x, need in zip((h, w, b), needs) if need]
+            grads = iter(torch.autograd.grad(loss, inputs))
+            if needs[0]:
+                grad_h[a:stop] = next(grads)
+            if needs[1]:
+                grad_w += next(grads)
+            if needs[2]:
+                grad_b += next(grads)
+            total += loss.detach()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        out = []
+        for need, dtype in zip(ctx.needs_input_grad[:3], ctx.dtypes):
+            out.append((next(saved) * grad_out).to(dtype) if need else None)
+        return (*out, None, None, None, None, None)
+
+
+def chunked_distribution_loss(
+    student_hidden: Tensor,
+    student_head: LMHead,
+    teacher: Teacher,
+    mask: Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    num_valid: Tensor | float | None = None,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    missing_mass: str = "tail",
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Response KD loss from the student's hidden states, chunk by chunk.
+
+    student_hidden: (*lead, H_S); student_head: its :class:`LMHead` with weight (V_S, H_S).
+    teacher: (*lead, V_T) logits, :class:`HiddenTargets` (hidden + head, logits per chunk), or
+        :class:`SparseTargets` (*lead, k).
+    mask, num_valid and the divergence options as in :func:`~kdistill.losses.response.distribution_loss`.
+    chunk_size: valid tokens per chunk; peak extra memory ≈ a few × chunk_size × V × 4 bytes.
+    Returns 0-dim fp32 ``T² · Σ_valid divergence / num_valid``.
+    """
+    spec = DistributionSpec(kind, temperature, scale_by_t2, beta, alpha, missing_mass, vocab_size)
+    if chunk_size < 1:
+        raise ShapeError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if student_hidden.shape[-1] != student_head.weight.shape[1]:
+        raise ShapeError(
+            f"student hidden width {student_hidden.shape[-1]} does not match its head "
+            f"{tuple(student_head.weight.shape)}"
+        )
+    lead = student_hidden.shape[:-1]
+    mask = check_mask(mask, lead, "chunked_distribution_loss")
+    if isinstance(teacher, HiddenTargets):
+        if tuple(teacher.hidden.shape[:-1]) != tuple(lead):
+            raise ShapeError(
+                f"teacher hidden states have shape {tuple(teacher.hidden.shape)}, "
+                f"student's leading shape is {tuple(lead)}"
+            )
+        vocab = shared_vocab_size(student_head.vocab, teacher.head.vocab, spec.vocab_size)
+    else:
+        vocab = check_targets(teacher, lead, spec, student_head.vocab)
+    hidden = select_valid(student_hidden, mask, len(lead))
+    rows = _teacher_rows(teacher, mask, len(lead))
+    n = hidden.shape[0]
+    params = (hidden, student_head.weight, student_head.bias)
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        total = _ChunkedLoss.apply(*params, student_head, rows, spec, vocab, chunk_size)
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for a in range(0, n, chunk_size):
+                stop = min(a + chunk_size, n)
+                total += block_loss_sum(student_head.logits(hidden[a:stop]), rows(a, stop), spec, vocab)
+    return spec.t2 * normalise(total, num_valid, n)
