@@ -1,0 +1,1 @@
+"""Model references, layer stacks and heads of Hugging Face models."""

@@ -1,0 +1,112 @@
+"""The chunked LM loss equals the dense loss on full logits, value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdistill.errors import ShapeError
+from kdistill.losses import HiddenTargets, LMHead, SparseTargets, chunked_distribution_loss, distribution_loss
+from kdistill.losses.response import DIVERGENCES
+
+
+def _setup(seed: int = 0, bias: bool = True, softcap: float | None = None, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 0.5).requires_grad_(True)
+    b = (torch.randn(50, generator=g) * 0.1).requires_grad_(True) if bias else None
+    head = LMHead(weight, b, scale=scale, softcap=softcap)
+    teacher_hidden = torch.randn(3, 7, 24, generator=g)
+    teacher_head = LMHead(torch.randn(50, 24, generator=g) * 0.5, softcap=softcap)
+    mask = torch.rand(3, 7, generator=g) > 0.25
+    return hidden, head, teacher_hidden, teacher_head, mask
+
+
+def _grads(loss: torch.Tensor, head: LMHead, hidden: torch.Tensor) -> list[torch.Tensor]:
+    params = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+    return list(torch.autograd.grad(loss, params))
+
+
+def _dense(hidden, head, teacher_logits, mask, **kw):
+    logits = head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
+    return distribution_loss(logits, teacher_logits, mask, **kw)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_chunked_equals_dense_for_hidden_targets(kind: str, chunk_size: int) -> None:
+    hidden, head, t_hidden, t_head, mask = _setup(softcap=4.0, scale=0.8)
+    kw = {"kind": kind, "temperature": 2.0, "beta": 0.3}
+    teacher_logits = t_head.logits(t_hidden.reshape(-1, 24)).reshape(3, 7, 50)
+    dense = _dense(hidden, head, teacher_logits, mask, **kw)
+    chunked = chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, t_head), mask, chunk_size=chunk_size, **kw)
+    assert chunked.item() == pytest.approx(dense.item(), rel=1e-5, abs=1e-6)
+    for a, b in zip(_grads(chunked, head, hidden), _grads(dense, head, hidden)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("missing_mass", ["tail", "renormalize"])
+def test_chunked_equals_dense_for_sparse_and_logit_targets(missing_mass: str) -> None:
+    hidden, head, t_hidden, t_head, mask = _setup(seed=1)
+    teacher_logits = t_head.logits(t_hidden.reshape(-1, 24)).reshape(3, 7, 50)
+    values, ids = teacher_logits.log_softmax(-1).topk(8, -1)
+    for teacher in (teacher_logits, SparseTargets(ids, values)):
+        dense = _dense(hidden, head, teacher, mask, missing_mass=missing_mass)
+        chunked = chunked_distribution_loss(hidden, head, teacher, mask, missing_mass=missing_mass, chunk_size=5)
+        assert chunked.item() == pytest.approx(dense.item(), rel=1e-5)
+        for a, b in zip(_grads(chunked, head, hidden), _grads(dense, head, hidden)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_gradient_accumulation_invariance() -> None:
+    hidden, head, t_hidden, t_head, mask = _setup(seed=2)
+    whole = chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, t_head), mask, chunk_size=3)
+    n = mask.sum()
+    parts = sum(
+        chunked_distribution_loss(hidden[i : i + 1], head, HiddenTargets(t_hidden[i : i + 1], t_head),
+                                  mask[i : i + 1], num_valid=n, chunk_size=3)
+        for i in range(3)
+    )
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+    for a, b in zip(_grads(parts, head, hidden), _grads(whole, head, hidden)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_without_grad_and_with_fully_masked_input() -> None:
+    hidden, head, t_hidden, t_head, mask = _setup(seed=3, bias=False)
+    targets = HiddenTargets(t_hidden, t_head)
+    with_grad = chunked_distribution_loss(hidden, head, targets, mask)
+    with torch.no_grad():
+        no_grad = chunked_distribution_loss(hidden, head, targets, mask)
+    assert no_grad.item() == pytest.approx(with_grad.item(), rel=1e-6)
+    empty = chunked_distribution_loss(hidden, head, targets, torch.zeros_like(mask))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert hidden.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
+
+
+def test_chunked_bfloat16_hidden_states() -> None:
+    hidden, head, t_hidden, t_head, mask = _setup(seed=4, bias=False)
+    h16 = hidden.detach().bfloat16().requires_grad_(True)
+    head16 = LMHead(head.weight.detach().bfloat16().requires_grad_(True))
+    loss = chunked_distribution_loss(h16, head16, HiddenTargets(t_hidden, t_head), mask, chunk_size=4)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h16.grad.dtype == torch.bfloat16
+    ref = chunked_distribution_loss(h16.detach().float(), LMHead(head16.weight.detach().float()),
+                                    HiddenTargets(t_hidden, t_head), mask)
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def test_chunked_shape_errors() -> None:
+    hidden, head, t_hidden, t_head, mask = _setup(seed=5)
+    with pytest.raises(ShapeError, match="hidden width"):
+        chunked_distribution_loss(hidden[..., :8], head, HiddenTargets(t_hidden, t_head))
+    with pytest.raises(ShapeError, match="teacher hidden"):
+        chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden[:2], t_head))
+    with pytest.raises(ShapeError, match="chunk_size"):
+        chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, t_head), chunk_size=0)
+    wide = LMHead(torch.randn(60, 24))
+    with pytest.raises(ShapeError, match="vocab_size"):
+        chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, wide))
+    loss = chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, wide), vocab_size=50)
+    assert torch.isfinite(loss)
