@@ -95,6 +95,14 @@ def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int) -> Call
     return lambda a, b: logits[a:b]
 
 
+CHUNK_LOGITS = 2**25  # logits per chunk by default: 128 MiB in fp32
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Tokens per chunk so that one chunk holds about ``CHUNK_LOGITS`` logits (16 to 4096)."""
+    return max(16, min(4096, CHUNK_LOGITS // max(vocab, 1)))
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Σ_rows divergence over chunks; gradients computed per chunk in forward, scaled in backward."""
 
@@ -149,7 +157,7 @@ def chunked_distribution_loss(
     beta: float = 0.5,
     alpha: float = 0.1,
     missing_mass: str = "tail",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Response KD loss from the student's hidden states, chunk by chunk.
 
@@ -157,10 +165,13 @@ def chunked_distribution_loss(
     teacher: (*lead, V_T) logits, :class:`HiddenTargets` (hidden + head, logits per chunk), or
         :class:`SparseTargets` (*lead, k).
     mask, num_valid and the divergence options as in :func:`~kdistill.losses.response.distribution_loss`.
-    chunk_size: valid tokens per chunk; peak extra memory ≈ a few × chunk_size × V × 4 bytes.
+    chunk_size: valid tokens per chunk (default: about ``CHUNK_LOGITS`` logits per chunk, e.g. 128
+        tokens at V = 262,144); peak extra memory ≈ a few × chunk_size × V × 4 bytes.
     Returns 0-dim fp32 ``T² · Σ_valid divergence / num_valid``.
     """
     spec = DistributionSpec(kind, temperature, scale_by_t2, beta, alpha, missing_mass, vocab_size)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(student_head.vocab)
     if chunk_size < 1:
         raise ShapeError(f"chunk_size must be ≥ 1, got {chunk_size}")
     if student_hidden.shape[-1] != student_head.weight.shape[1]:

@@ -56,6 +56,7 @@ DivergenceKind = Literal[
 MissingMass = Literal["tail", "renormalize"]
 DIVERGENCES: tuple[str, ...] = DivergenceKind.__args__  # type: ignore[attr-defined]
 TAIL_FLOOR = 1e-6
+_BETA_EPS = 1e-12  # |JSD(β) − KL| = O(β): below this β the end point is exact to fp32 precision
 _MAX_LOG_RATIO = 80.0  # exp(80) is finite in fp32; larger log-ratios only meet probabilities < e^-80
 
 
@@ -66,7 +67,7 @@ _MAX_LOG_RATIO = 80.0  # exp(80) is finite in fp32; larger log-ratios only meet 
 
 def _p_times(t: Tensor, x: Tensor) -> Tensor:
     """exp(t) · x with 0 where exp(t) = 0 (so that 0 · ±inf contributes 0, as 0 log 0 = 0)."""
-    return torch.where(t == -math.inf, torch.zeros_like(x), t.exp() * x)
+    return torch.where(t == -math.inf, 0.0, t.exp() * x)
 
 
 def _kl(t: Tensor, s: Tensor) -> Tensor:
@@ -100,9 +101,9 @@ def per_position_divergence(
     if kind == "reverse_kl":
         return _kl(s, t)
     if kind == "jsd":
-        if beta == 0.0:
+        if beta <= _BETA_EPS:  # the end points, and β too small to represent in fp32 arithmetic
             return _kl(t, s)
-        if beta == 1.0:
+        if beta >= 1.0 - _BETA_EPS:
             return _kl(s, t)
         # β KL(p‖m) / (β(1−β)) + (1−β) KL(q‖m) / (β(1−β)); m = β p + (1−β) q
         return _kl_to_mixture(t, s, beta) / (1.0 - beta) + _kl_to_mixture(s, t, 1.0 - beta) / beta
@@ -243,6 +244,12 @@ def check_sparse_ids(targets: SparseTargets, vocab: int) -> None:
         )
 
 
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    """fp32 logits / T (no copy at T = 1 for fp32 input)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def block_loss_sum(
     student_logits: Tensor, teacher: Tensor | SparseTargets, spec: DistributionSpec, vocab: int
 ) -> Tensor:
@@ -250,11 +257,11 @@ def block_loss_sum(
 
     ``student_logits``: (N, ≥vocab); ``teacher``: (N, ≥vocab) logits or (N, k) sparse targets.
     """
-    s = F.log_softmax(student_logits[..., :vocab].float() / spec.temperature, dim=-1)
+    s = F.log_softmax(_tempered(student_logits[..., :vocab], spec.temperature), dim=-1)
     if isinstance(teacher, SparseTargets):
         t, s = sparse_logprobs(s, teacher, spec.missing_mass)
     else:
-        t = F.log_softmax(teacher[..., :vocab].float() / spec.temperature, dim=-1)
+        t = F.log_softmax(_tempered(teacher[..., :vocab], spec.temperature), dim=-1)
     return per_position_divergence(t, s, spec.kind, beta=spec.beta, alpha=spec.alpha).sum()
 
 

@@ -1,0 +1,1 @@
+"""Small built-in examples that run offline in seconds."""
