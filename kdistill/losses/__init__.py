@@ -4,7 +4,7 @@ Every loss sums a per-position value over valid positions and divides by ``num_v
 (default: the valid positions of the call), in fp32. See ``docs/losses.md`` for the formulas.
 """
 
-from kdistill.losses import response  # noqa: F401  (registers response losses)
+from kdistill.losses import feature, relation, response  # noqa: F401  (register their losses)
 from kdistill.losses.chunked import HiddenTargets, LMHead, chunked_distribution_loss
 from kdistill.losses.reduce import mask_from_labels
 from kdistill.losses.registry import LossEntry, all_losses, get_loss, register_loss

@@ -52,16 +52,23 @@ class LMHead:
     def vocab(self) -> int:
         return self.weight.shape[0]
 
-    def logits(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        """(N, H) -> (N, V) logits, optionally with stand-in weight/bias tensors."""
+    def project(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """(N, H) -> (N, V) pre-transform logits ``z = h Wᵀ + b``, optionally with stand-in tensors."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        z = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+        return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+    def transform(self, z: Tensor) -> Tensor:
+        """Scaling and soft-capping: ``softcap · tanh(scale · z / softcap)``."""
         if self.scale != 1.0:
             z = z * self.scale
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(N, H) -> (N, V) logits."""
+        return self.transform(self.project(hidden))
 
 
 @dataclass(frozen=True)
@@ -108,28 +115,30 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head, rows, spec, vocab, chunk_size):  # type: ignore[override]
-        needs = ctx.needs_input_grad[:3]
-        h_all = hidden.detach()
-        w = weight.detach().requires_grad_(needs[1])
-        b = None if bias is None else bias.detach().requires_grad_(needs[2])
-        grad_h = torch.zeros_like(h_all) if needs[0] else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs[1] else None
-        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if needs[2] else None
+        # Per chunk: z = h Wᵀ + b, g = ∂loss/∂z (autograd through transform + divergence only), then
+        # ∂h = g W, ∂W += gᵀ h (accumulated inside the GEMM: no extra pass over W), ∂b += Σ g.
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h_all, w = hidden.detach(), weight.detach()
+        b = None if bias is None else bias.detach()
+        grad_h = torch.zeros_like(h_all) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for a in range(0, h_all.shape[0], chunk_size):
             stop = min(a + chunk_size, h_all.shape[0])
-            h = h_all[a:stop].requires_grad_(needs[0])
+            h = h_all[a:stop]
+            z = head.project(h, w, b).requires_grad_(True)  # (c, V)
             with torch.enable_grad():
-                loss = block_loss_sum(head.logits(h, w, b), rows(a, stop), spec, vocab)
-            inputs = [x for x, need in zip((h, w, b), needs) if need]
-            grads = iter(torch.autograd.grad(loss, inputs))
-            if needs[0]:
-                grad_h[a:stop] = next(grads)
-            if needs[1]:
-                grad_w += next(grads)
-            if needs[2]:
-                grad_b += next(grads)
+                loss = block_loss_sum(head.transform(z), rows(a, stop), spec, vocab)
+            (g,) = torch.autograd.grad(loss, z)
+            if need_h:
+                grad_h[a:stop] = g @ w
+            if need_w:
+                grad_w.addmm_(g.t().float(), h.float())
+            if need_b:
+                grad_b += g.sum(0).float()
             total += loss.detach()
+            del z, g, loss
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total

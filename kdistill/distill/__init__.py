@@ -1,0 +1,1 @@
+"""Distillation machinery around models: capturing internals, pairing teacher and student."""
