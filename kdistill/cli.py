@@ -62,6 +62,44 @@ def _cmd_example(args: argparse.Namespace) -> None:
         console.print(f"metrics written to {path}")
 
 
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from kdistill.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: valid ({recipe.task}, {len(recipe.objective)} objective terms, "
+          f"{len(recipe.teachers)} teacher(s), output {recipe.run_dir})")
+    if args.show:
+        print(dump_recipe(recipe), end="")
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    import logging
+
+    from kdistill.distill.pipeline import run_distill
+    from kdistill.recipe import load_recipe
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_distill(recipe, resume=args.resume, force=args.force, progress=not args.no_progress)
+    if summary.get("processes", 1) > 1 and not _is_main_process():
+        return
+    sizes = summary["parameters"]
+    line = f"student: {summary['run_dir']}/student ({sizes['student']['total']:,} parameters"
+    if "teacher" in sizes:
+        line += f", teacher {sizes['teacher']['total']:,}: {1 - sizes['student']['total'] / sizes['teacher']['total']:.0%} fewer"
+    print(line + ")")
+    if summary["final_eval"]:
+        print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items()))
+    print(f"steps {summary['steps']}" + (" (stopped early)" if summary["stopped_early"] else "")
+          + f", {summary['train_seconds']:.1f} s; metrics in {summary['run_dir']}/metrics.jsonl")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation of language models.")
     parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
@@ -79,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--seed", type=int, default=0)
     example.add_argument("--output", help="write metrics as JSON to this file")
     example.set_defaults(func=_cmd_example)
+
+    validate = commands.add_parser("validate", help="check a recipe and print it with every default")
+    validate.add_argument("recipe", help="recipe YAML file")
+    validate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    validate.add_argument("--show", action="store_true", help="print the validated recipe")
+    validate.set_defaults(func=_cmd_validate)
+
+    distill = commands.add_parser("distill", help="train a student as a recipe says (white-box KD or fine-tuning)")
+    distill.add_argument("recipe", help="recipe YAML file")
+    distill.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=100")
+    distill.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    distill.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distill.set_defaults(func=_cmd_distill)
     return parser
 
 

@@ -5,12 +5,13 @@ Every loss sums a per-position value over valid positions and divides by ``num_v
 """
 
 from kdistill.losses import feature, relation, response  # noqa: F401  (register their losses)
-from kdistill.losses.chunked import HiddenTargets, LMHead, chunked_distribution_loss
+from kdistill.losses.chunked import EnsembleHiddenTargets, HiddenTargets, LMHead, chunked_distribution_loss
 from kdistill.losses.reduce import mask_from_labels
 from kdistill.losses.registry import LossEntry, all_losses, get_loss, register_loss
 from kdistill.losses.response import SparseTargets, distribution_loss, per_position_divergence
 
 __all__ = [
+    "EnsembleHiddenTargets",
     "HiddenTargets",
     "LMHead",
     "LossEntry",

@@ -28,6 +28,7 @@ from kdistill.losses.response import (
     SparseTargets,
     block_loss_sum,
     check_targets,
+    mixture_logits,
     shared_vocab_size,
 )
 
@@ -82,14 +83,28 @@ class HiddenTargets:
     head: LMHead
 
 
-Teacher = Tensor | SparseTargets | HiddenTargets
+@dataclass(frozen=True)
+class EnsembleHiddenTargets:
+    """Several teachers' hidden states and heads with weights (summing to 1): per chunk, the
+    target is the mixture of their distributions (:func:`~kdistill.losses.response.mixture_logits`)."""
+
+    members: tuple[HiddenTargets, ...]
+    weights: tuple[float, ...]
 
 
-def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int) -> Callable[[int, int], Tensor | SparseTargets]:
+Teacher = Tensor | SparseTargets | HiddenTargets | EnsembleHiddenTargets
+
+
+def _teacher_rows(
+    teacher: Teacher, mask: Tensor | None, lead_ndim: int, temperature: float
+) -> Callable[[int, int], Tensor | SparseTargets]:
     """Return ``rows(a, b)`` giving the teacher targets of valid rows a:b (logits or sparse)."""
     if isinstance(teacher, SparseTargets):
         flat = teacher.select(mask, lead_ndim)
         return flat.rows
+    if isinstance(teacher, EnsembleHiddenTargets):
+        members = [_teacher_rows(m, mask, lead_ndim, temperature) for m in teacher.members]
+        return lambda a, b: mixture_logits([rows(a, b) for rows in members], list(teacher.weights), temperature)
     if isinstance(teacher, HiddenTargets):
         hidden = select_valid(teacher.hidden, mask, lead_ndim)
 
@@ -190,17 +205,19 @@ def chunked_distribution_loss(
         )
     lead = student_hidden.shape[:-1]
     mask = check_mask(mask, lead, "chunked_distribution_loss")
-    if isinstance(teacher, HiddenTargets):
-        if tuple(teacher.hidden.shape[:-1]) != tuple(lead):
-            raise ShapeError(
-                f"teacher hidden states have shape {tuple(teacher.hidden.shape)}, "
-                f"student's leading shape is {tuple(lead)}"
-            )
-        vocab = shared_vocab_size(student_head.vocab, teacher.head.vocab, spec.vocab_size)
+    if isinstance(teacher, (HiddenTargets, EnsembleHiddenTargets)):
+        members = teacher.members if isinstance(teacher, EnsembleHiddenTargets) else (teacher,)
+        for member in members:
+            if tuple(member.hidden.shape[:-1]) != tuple(lead):
+                raise ShapeError(
+                    f"teacher hidden states have shape {tuple(member.hidden.shape)}, "
+                    f"student's leading shape is {tuple(lead)}"
+                )
+            vocab = shared_vocab_size(student_head.vocab, member.head.vocab, spec.vocab_size)
     else:
         vocab = check_targets(teacher, lead, spec, student_head.vocab)
     hidden = select_valid(student_hidden, mask, len(lead))
-    rows = _teacher_rows(teacher, mask, len(lead))
+    rows = _teacher_rows(teacher, mask, len(lead), spec.temperature)
     n = hidden.shape[0]
     params = (hidden, student_head.weight, student_head.bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):

@@ -30,7 +30,9 @@ outside the support follows ``missing_mass``:
 
 - ``"tail"`` (default): the outside mass is one more category, ``log(1 − Σ_k p)`` for the teacher
   and ``log(1 − Σ_k q)`` for the student, so a student that moves mass off the support pays;
-- ``"renormalize"``: both distributions are renormalised over the support.
+- ``"renormalize"``: both distributions are renormalised over the support;
+- ``"ignore"`` (``soft_ce`` only): ``−Σ_k p log q`` with the student's full-vocabulary
+  log-probabilities; with one-hot targets (k = 1, log p = 0) this is the hard-label cross-entropy.
 
 Tail masses below ``TAIL_FLOOR`` are raised to it on both sides: an fp32 sum of k ≈ V
 probabilities is 1 only to about that precision. With k = V both policies equal the dense loss.
@@ -53,7 +55,7 @@ from kdistill.losses.registry import register_loss
 DivergenceKind = Literal[
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce"
 ]
-MissingMass = Literal["tail", "renormalize"]
+MissingMass = Literal["tail", "renormalize", "ignore"]
 DIVERGENCES: tuple[str, ...] = DivergenceKind.__args__  # type: ignore[attr-defined]
 TAIL_FLOOR = 1e-6
 _BETA_EPS = 1e-12  # |JSD(β) − KL| = O(β): below this β the end point is exact to fp32 precision
@@ -172,8 +174,12 @@ class DistributionSpec:
             raise ConfigError(f"jsd beta must be in [0, 1], got {self.beta}")
         if not 0.0 <= self.alpha < 1.0:
             raise ConfigError(f"skew alpha must be in [0, 1), got {self.alpha}")
-        if self.missing_mass not in ("tail", "renormalize"):
-            raise ConfigError(f"missing_mass must be 'tail' or 'renormalize', got {self.missing_mass!r}")
+        if self.missing_mass not in ("tail", "renormalize", "ignore"):
+            raise ConfigError(
+                f"missing_mass must be 'tail', 'renormalize' or 'ignore', got {self.missing_mass!r}"
+            )
+        if self.missing_mass == "ignore" and self.kind != "soft_ce":
+            raise ConfigError(f"missing_mass 'ignore' is only defined for soft_ce, not {self.kind}")
 
     @property
     def t2(self) -> float:
@@ -223,6 +229,8 @@ def sparse_logprobs(
     neg_inf = torch.full_like(s_sel, -math.inf)
     s_sel = torch.where(unused, neg_inf, s_sel)
     t_sel = torch.where(unused, neg_inf, t_sel)
+    if missing_mass == "ignore":
+        return t_sel, s_sel
     if missing_mass == "renormalize":
         return (
             t_sel - t_sel.logsumexp(-1, keepdim=True),
@@ -242,6 +250,18 @@ def check_sparse_ids(targets: SparseTargets, vocab: int) -> None:
         raise ShapeError(
             f"sparse target id {int(targets.ids.max())} is outside the compared vocabulary of {vocab}"
         )
+
+
+def mixture_logits(logits: list[Tensor], weights: list[float], temperature: float) -> Tensor:
+    """Logits of the weighted mixture of several teachers' distributions at ``temperature``.
+
+    ``T · log Σ_i w_i softmax(z_i / T)`` (fp32; weights sum to 1): divided by T and
+    log-softmaxed again it gives exactly ``log Σ_i w_i p_i``. One teacher's logits pass unchanged.
+    """
+    if len(logits) == 1:
+        return logits[0]
+    parts = [torch.log_softmax(z.float() / temperature, -1) + math.log(w) for z, w in zip(logits, weights)]
+    return torch.stack(parts).logsumexp(0) * temperature
 
 
 def _tempered(logits: Tensor, temperature: float) -> Tensor:

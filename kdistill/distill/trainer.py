@@ -1,0 +1,345 @@
+"""The training loop, on Accelerate: read top to bottom, one phase at a time.
+
+One optimizer step takes a *global batch* of ``per_device_train_batch_size × processes ×
+gradient_accumulation_steps`` examples from a seeded permutation of the training set (a pure
+function of seed, epoch and step, so resuming needs only the step), splits it into micro-batches
+per process, counts each position kind over the whole global batch (all micro-batches, all
+processes), and normalises every term by that count: the update is the same whether the batch
+runs in one process, two, or in accumulation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model
+from torch import Tensor, nn
+from transformers import get_scheduler
+
+from kdistill.distill.checkpoint import (
+    TrainerState,
+    best_path,
+    checkpoint_dirs,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
+from kdistill.distill.distiller import (
+    MODEL_INPUTS,
+    Distiller,
+    StepCounts,
+    StudentModule,
+    TrainingError,
+    batch_counts,
+    hard_ce,
+    position_masks,
+)
+from kdistill.errors import ConfigError
+from kdistill.models.outputs import forward_outputs
+from kdistill.recipe import TermSpec, TrainingSpec
+from kdistill.signals.live import LiveTeachers
+
+log = logging.getLogger(__name__)
+LOWER_IS_BETTER = ("eval_loss", "perplexity")
+
+
+@dataclass
+class TrainJob:
+    """Everything the loop needs; built from a recipe by :mod:`kdistill.distill.pipeline`."""
+
+    student: nn.Module
+    task: str
+    teachers: LiveTeachers | None
+    terms: list[TermSpec]
+    train_examples: list[dict]
+    eval_examples: list[dict] | None
+    collator: Callable
+    training: TrainingSpec
+    run_dir: Path
+    vocab_size: int | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped_early: bool
+    best_step: int | None
+    best_metric: float | None
+    final_eval: dict
+    train_seconds: float
+
+
+# ---------------------------------------------------------------------------- data plan
+
+
+def global_batch_ids(n_examples: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> Tensor:
+    """Example indices of optimizer step ``step``: a slice of epoch ``step // steps_per_epoch``'s permutation."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[index * global_batch : (index + 1) * global_batch]
+
+
+def micro_batch_ids(ids: Tensor, accumulation: int, world: int, rank: int) -> list[Tensor]:
+    """This process's micro-batches of a global batch: (accumulation, world, per_device)[:, rank]."""
+    return list(ids.reshape(accumulation, world, -1)[:, rank])
+
+
+def _mask_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: str, examples: list[dict], collator: Callable, batch_size: int,
+             device: torch.device, seed: int, vocab_size: int | None = None) -> dict:
+    """Mean loss over label positions (+ accuracy for classification, perplexity for LMs)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collator(examples[start : start + batch_size], generator=_mask_generator(seed, -1, start, 0))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        outputs = forward_outputs(model, task, inputs, hidden_states=False, modules=[])
+        mask = position_masks(batch, task)["labels"]
+        n = int(mask.sum())
+        loss_sum += hard_ce(task, model, outputs, batch, mask, 1.0, vocab_size).item()
+        count += n
+        if task == "classification":
+            correct += int((outputs["logits"].argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    metrics = {"eval_loss": loss_sum / max(count, 1)}
+    if task == "classification":
+        metrics["accuracy"] = correct / max(count, 1)
+    else:
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return metrics
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``job.student``; write checkpoints, ``metrics.jsonl`` and the exported student."""
+    cfg = job.training
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                     mixed_precision="bf16" if cfg.bf16 else "no")
+    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    torch.manual_seed(cfg.seed)
+
+    # -- data plan
+    per_device, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    global_batch = per_device * world * accumulation
+    steps_per_epoch = len(job.train_examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"training set has {len(job.train_examples)} examples, fewer than one global batch "
+                          f"({per_device} per device × {world} processes × {accumulation} accumulation steps)")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+    # -- student (+ feature projections), teachers, optimizer, schedule
+    student = StudentModule(job.student, job.task).to(device).train()
+    teachers = job.teachers.to(device) if job.teachers is not None else None
+    distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
+    probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))
+    distiller.build_projections({k: v.to(device) for k, v in probe.items()})
+    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    wrapped = acc.prepare(student)  # DDP across processes; the teachers are never wrapped
+    distiller.student = wrapped
+
+    # -- resume
+    state = TrainerState()
+    ckpt_root = job.run_dir / "checkpoints"
+    metrics_path = job.run_dir / "metrics.jsonl"
+    if resume:
+        found = checkpoint_dirs(ckpt_root)
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_root}")
+        state = load_checkpoint(found[-1], student.model, student.projections, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", found[-1], state.step)
+        if acc.is_main_process:
+            _truncate_metrics(metrics_path, state.step)
+    elif acc.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+    acc.wait_for_everyone()
+
+    metric = cfg.metric_for_best_model or ("accuracy" if job.task == "classification" else "eval_loss")
+    final_eval: dict = {}
+    stopped_early = False
+    bar = _Progress(total_steps, state.step, enabled=progress and acc.is_main_process)
+    started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+
+    while state.step < total_steps:
+        # -- this step's micro-batches and the global counts that normalise every term
+        ids = global_batch_ids(len(job.train_examples), state.step, steps_per_epoch, global_batch, cfg.seed)
+        batches = []
+        for j, micro in enumerate(micro_batch_ids(ids, accumulation, world, rank)):
+            batch = job.collator([job.train_examples[i] for i in micro.tolist()],
+                                 generator=_mask_generator(cfg.seed, state.step, j, rank))
+            batches.append({k: v.to(device) for k, v in batch.items()})
+        local = torch.tensor([[batch_counts(b, job.task)[k] for k in ("labels", "tokens", "examples")]
+                              for b in batches], dtype=torch.float64, device=device).sum(0)
+        totals = acc.reduce(local, reduction="sum") / world
+        counts = StepCounts(*totals.tolist())
+
+        # -- forward/backward over micro-batches (gradients sync on the last one only)
+        step_values: dict[str, float] = {}
+        for j, batch in enumerate(batches):
+            sync = nullcontext() if j == accumulation - 1 else acc.no_sync(wrapped)
+            with sync, acc.autocast():
+                loss, values = distiller(batch, counts)
+                _check_finite(state.step, values, batch)
+                acc.backward(loss)
+            for label, value in values.items():
+                step_values[label] = step_values.get(label, 0.0) + value.item()
+            step_values["loss"] = step_values.get("loss", 0.0) + loss.item()
+            window_tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        # -- log, evaluate, checkpoint
+        step_values = {k: v for k, v in zip(step_values, acc.reduce(
+            torch.tensor(list(step_values.values()), device=device), reduction="mean").tolist())}
+        if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = acc.reduce(torch.tensor(float(window_tokens), device=device), "sum").item() / max(elapsed, 1e-9)
+            record = {"step": state.step, **step_values, "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": tokens_per_s}
+            if cfg.max_grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            _append_metrics(metrics_path, record, acc.is_main_process)
+            window_tokens, window_start = 0, time.perf_counter()
+        bar.update(state.step, step_values)
+
+        if job.eval_examples and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps):
+            final_eval = evaluate(student.model, job.task, job.eval_examples, job.collator,
+                                  cfg.per_device_eval_batch_size, device, cfg.seed, job.vocab_size)
+            _append_metrics(metrics_path, {"step": state.step, **final_eval}, acc.is_main_process)
+            bar.note(final_eval)
+            if metric not in final_eval:
+                raise ConfigError(f"training.metric_for_best_model {metric!r} is not one of {sorted(final_eval)}")
+            value = final_eval[metric]
+            better = state.best_metric is None or (
+                value < state.best_metric if metric in LOWER_IS_BETTER else value > state.best_metric)
+            if better:
+                state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+                if acc.is_main_process:
+                    save_best(ckpt_root, state.step, student.model)
+            else:
+                state.evals_without_improvement += 1
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                stopped_early = True
+
+        if cfg.save_steps and (state.step % cfg.save_steps == 0 or stopped_early or state.step == total_steps):
+            if acc.is_main_process:
+                save_checkpoint(ckpt_root, state, student.model, student.projections, optimizer, scheduler,
+                                cfg.save_total_limit)
+            acc.wait_for_everyone()
+        if stopped_early:
+            break
+    bar.close()
+
+    # -- export: the best evaluated weights if any, else the final ones
+    acc.wait_for_everyone()
+    if state.best_step is not None and best_path(ckpt_root, state.best_step).exists():
+        load_model(student.model, str(best_path(ckpt_root, state.best_step)))
+    if acc.is_main_process:
+        export_student(student.model, job.run_dir / "student")
+    acc.wait_for_everyone()
+    return TrainResult(state.step, stopped_early, state.best_step, state.best_metric, final_eval,
+                       time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _check_finite(step: int, values: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+    for label, value in values.items():
+        if not torch.isfinite(value):
+            ids = batch["example_ids"].tolist()
+            shown = ", ".join(map(str, ids[:8])) + (" ..." if len(ids) > 8 else "")
+            raise TrainingError(f"step {step + 1}: loss term {label} is {value.item()} on the batch of examples "
+                                f"[{shown}]; the last checkpoint is intact")
+
+
+def _append_metrics(path: Path, record: dict, main: bool) -> None:
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def export_student(model: nn.Module, target: Path) -> None:
+    """``save_pretrained`` into a temporary directory, then swap it into place."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _Progress:
+    """A rich progress bar with the loss terms; silent when disabled (other ranks, tests)."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[terms]}"))
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, terms="")
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        if self.progress is not None:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            self.progress.update(self.task, completed=step, terms=terms)
+
+    def note(self, metrics: dict) -> None:
+        if self.progress is not None:
+            self.progress.console.print("eval: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+__all__ = ["TrainJob", "TrainResult", "evaluate", "train", "asdict"]

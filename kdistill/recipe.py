@@ -1,0 +1,275 @@
+"""The recipe: what to distil, from what, on which data, with which objective and hyper-parameters.
+
+A recipe is data-only YAML (it never names code to import), validated once by pydantic and saved
+next to every output. Field names follow ``transformers`` where one exists
+(``per_device_train_batch_size``, ``learning_rate``, ``gradient_accumulation_steps``, ``bf16``).
+Command-line overrides are ``key.sub=value`` (the value parsed as YAML: ``training.learning_rate=1e-4``,
+``objective.0.weight=2``). A mistake is a :class:`~kdistill.errors.ConfigError` naming the file,
+the line and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdistill.errors import ConfigError
+
+Task = Literal["classification", "mlm", "causal"]
+Positions = Literal["default", "labels", "tokens", "examples"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherSpec(_Strict):
+    """A teacher: a model reference (hub id, local dir or alias) and its weight in an ensemble."""
+
+    model: str
+    weight: float = Field(1.0, gt=0)
+
+
+class StudentInit(_Strict):
+    """Build the student from the teacher's layers."""
+
+    strategy: Literal["every_other", "uniform", "first", "explicit"] = "every_other"
+    num_layers: int | None = Field(None, ge=1)
+    layers: list[int] | None = None
+
+
+class StudentSpec(_Strict):
+    """The student: its own model reference, or built from the (first) teacher."""
+
+    model: str | None = None
+    init_from_teacher: StudentInit | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StudentSpec:
+        if (self.model is None) == (self.init_from_teacher is None):
+            raise ValueError("give exactly one of student.model and student.init_from_teacher")
+        return self
+
+
+class SplitSpec(_Strict):
+    """One data split: a file or HF dataset, with an optional row limit."""
+
+    source: str
+    format: str | None = None
+    split: str | None = None
+    config_name: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+
+class DataSpec(_Strict):
+    train: SplitSpec
+    validation: SplitSpec | None = None
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = None
+    max_length: int = Field(128, ge=8)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+
+
+class TermSpec(_Strict):
+    """One objective term: a loss ``kind`` (see ``kdistill losses``, plus ``ce``), its weight and options.
+
+    positions: where token-level terms are computed: ``labels`` (positions with a label, e.g. the
+    masked tokens of MLM or the next tokens of a causal LM), ``tokens`` (every non-padding token),
+    ``examples`` (one per example: classification logits, pooled states). ``default`` picks
+    ``examples`` for classification and ``labels`` otherwise for response terms and ``ce``,
+    ``tokens`` for feature and relation terms.
+    layers: (student, teacher) pairs of hidden-state indices (0 = embeddings, -1 = last) or module
+    paths, for feature terms; the hidden state for pooled relation terms.
+    modules: (student, teacher) module paths whose outputs feed ``attention_relation_kl`` (e.g. the
+    query projections of one layer).
+    """
+
+    kind: str
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    scale_by_t2: bool = True
+    beta: float = Field(0.5, ge=0, le=1)
+    alpha: float = Field(0.1, ge=0, lt=1)
+    positions: Positions = "default"
+    layers: list[tuple[int | str, int | str]] = Field(default_factory=list)
+    modules: list[tuple[str, str]] = Field(default_factory=list)
+    num_relation_heads: int = Field(1, ge=1)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from kdistill.losses import get_loss
+
+        if kind != "ce":
+            try:
+                get_loss(kind)
+            except ConfigError as error:  # pydantic reports ValueErrors with their location
+                raise ValueError(f"{error}, ce") from None
+        return kind
+
+
+class TrainingSpec(_Strict):
+    per_device_train_batch_size: int = Field(16, ge=1)
+    per_device_eval_batch_size: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = 1.0
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    metric_for_best_model: str | None = None
+    early_stopping_patience: int | None = Field(None, ge=1)
+    bf16: bool = False
+    seed: int = 42
+
+
+class Recipe(_Strict):
+    name: str
+    task: Task
+    output_dir: str | None = None
+    teachers: list[TeacherSpec] = Field(default_factory=list)
+    student: StudentSpec
+    data: DataSpec
+    objective: list[TermSpec]
+    training: TrainingSpec = TrainingSpec()
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_shorthand(cls, values: Any) -> Any:
+        """``teacher: ref`` is shorthand for ``teachers: [{model: ref}]``."""
+        if isinstance(values, dict) and "teacher" in values:
+            values = dict(values)
+            teacher = values.pop("teacher")
+            if teacher is not None:
+                if "teachers" in values:
+                    raise ValueError("give teacher or teachers, not both")
+                values["teachers"] = [teacher if isinstance(teacher, dict) else {"model": teacher}]
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if not self.objective:
+            raise ValueError("objective: give at least one term")
+        needs_teacher = [t.kind for t in self.objective if t.kind != "ce"]
+        if needs_teacher and not self.teachers:
+            raise ValueError(f"objective terms {needs_teacher} need a teacher; add teacher: <model>")
+        if self.student.init_from_teacher is not None and not self.teachers:
+            raise ValueError("student.init_from_teacher needs a teacher")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or os.path.join("runs", self.name))
+
+
+# ------------------------------------------------------------------ loading, overrides, errors
+
+
+def _yaml_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at pydantic location ``loc`` (closest existing parent)."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                match = next((k for k, v in node.value if k.value == str(key)), None)
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` (value parsed as YAML; list items by index) in a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.split(".")
+        target: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(target, list):
+                if not part.isdigit() or int(part) >= len(target):
+                    raise ConfigError(f"override {key!r}: {'.'.join(parts[:i]) or key} has no item {part}")
+                index: Any = int(part)
+            elif isinstance(target, dict):
+                index = part
+            else:
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is not a mapping or list")
+            if last:
+                target[index] = yaml.safe_load(raw)
+            else:
+                if isinstance(target, dict) and target.get(index) is None:
+                    target[index] = {}
+                target = target[index]
+    return data
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe YAML ``text``; errors name ``source``, the line and the field."""
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or _first_line(error)
+        raise ConfigError(f"{source}{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe is a YAML mapping (name:, task:, student:, ...)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = tuple(first["loc"])
+        field = ".".join(str(p) for p in loc) or "recipe"
+        line = _yaml_line(root, loc)
+        where = f" line {line}" if line is not None else ""
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            message = "required field is missing"
+        elif first["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise ConfigError(f"{source}{where}, {field}: {message}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate the recipe at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read recipe {path}: {error.strerror}") from None
+    return parse_recipe(text, str(path), overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The validated recipe as YAML (every default written out)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

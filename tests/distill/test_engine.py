@@ -1,0 +1,188 @@
+"""The distillation engine end to end on tiny real models saved to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import kdistill.distill.trainer as trainer_module
+from kdistill.distill.distiller import TrainingError
+from kdistill.distill.pipeline import run_distill
+from kdistill.errors import ConfigError
+from kdistill.recipe import parse_recipe
+
+
+def _recipe(tmp_path: Path, assets: dict, task: str = "classification", name: str = "run",
+            objective: str | None = None, training: str = "", teacher: bool = True, student: str | None = None,
+            max_steps: int = 6):
+    teacher_dir = {"classification": assets["bert-cls"], "mlm": assets["bert-mlm"], "causal": assets["gpt2"]}[task]
+    objective = objective or "  - {kind: forward_kl, temperature: 2.0}\n  - {kind: ce}\n"
+    student = student or "  init_from_teacher: {strategy: uniform, num_layers: 2}\n"
+    text = f"""
+name: {name}
+task: {task}
+output_dir: {tmp_path / name}
+{'teacher: ' + str(teacher_dir) if teacher else ''}
+student:
+{student}
+data:
+  train: {{source: {assets['train']}}}
+  validation: {{source: {assets['dev']}}}
+  max_length: 16
+objective:
+{objective}
+training:
+  per_device_train_batch_size: 16
+  learning_rate: 2.0e-3
+  max_steps: {max_steps}
+  eval_steps: 3
+  seed: 7
+{training}
+"""
+    return text
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5, msg=key)
+
+
+def test_classification_kd_exports_a_loadable_student(tmp_path, tiny_assets) -> None:
+    objective = ("  - {kind: forward_kl, temperature: 2.0}\n  - {kind: ce, weight: 0.5}\n"
+                 "  - {kind: hidden_mse, layers: [[-1, -1], [1, 2]]}\n  - {kind: rkd_distance, weight: 0.1}\n")
+    summary = run_distill(parse_recipe(_recipe(tmp_path, tiny_assets, objective=objective)), progress=False)
+    run_dir = tmp_path / "run"
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "student")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "student")
+    assert model.config.num_hidden_layers == 2
+    assert summary["parameters"]["student"]["total"] < summary["parameters"]["teacher"]["total"]
+    logits = model(**tokenizer(["the movie was good"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert {"forward_kl", "ce", "hidden_mse", "rkd_distance", "tokens_per_s", "lr"} <= train_records[-1].keys()
+    assert [r["step"] for r in records if "accuracy" in r] == [3, 6]
+    assert (run_dir / "recipe.yaml").read_text().startswith("name: run")
+    assert not any(p.name.startswith(".tmp") for p in (run_dir / "checkpoints").iterdir()) if (
+        run_dir / "checkpoints").exists() else True
+
+
+def test_distilbert_style_mlm_with_minilm_relations(tmp_path, tiny_assets) -> None:
+    objective = ("  - {kind: soft_ce, temperature: 2.0, weight: 5.0}\n  - {kind: ce, weight: 2.0}\n"
+                 "  - {kind: hidden_cosine, layers: [[-1, -1]]}\n"
+                 "  - {kind: attention_relation_kl, num_relation_heads: 2, modules: "
+                 "[[bert.encoder.layer.1.attention.self.query, bert.encoder.layer.3.attention.self.query]]}\n")
+    student = "  init_from_teacher: {strategy: every_other}\n"
+    training = "  save_steps: 3\n"
+    summary = run_distill(parse_recipe(_recipe(tmp_path, tiny_assets, "mlm", objective=objective,
+                                               student=student, training=training)), progress=False)
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "student")
+    assert model.config.num_hidden_layers == 2
+    assert summary["final_eval"]["perplexity"] > 1.0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "lr" in r][-1]
+    assert last["attention_relation_kl"] > 0 and last["soft_ce"] > 0
+
+
+def test_causal_kd_uses_the_chunked_path_and_learns(tmp_path, tiny_assets) -> None:
+    objective = "  - {kind: reverse_kl}\n  - {kind: ce, weight: 0.0}\n"
+    run_distill(parse_recipe(_recipe(tmp_path, tiny_assets, "causal", objective=objective,
+                                     training="  logging_steps: 1\n", max_steps=20)), progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["reverse_kl"] for r in records if "reverse_kl" in r]
+    assert kl[-1] < 0.5 * kl[0]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert model.config.n_layer == 2
+
+
+def test_plain_fine_tuning_without_teacher(tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets, objective="  - {kind: ce}\n", teacher=False,
+                   student=f"  model: {tiny_assets['bert-cls']}\n", max_steps=80)
+    summary = run_distill(parse_recipe(text), progress=False)
+    assert summary["final_eval"]["accuracy"] >= 0.9  # the label is given away by one keyword
+    assert "teacher" not in summary["parameters"]
+
+
+def test_gradient_accumulation_gives_the_same_student(tmp_path, tiny_assets) -> None:
+    base = "  - {kind: forward_kl, temperature: 2.0}\n  - {kind: ce}\n  - {kind: hidden_cosine, layers: [[-1, -1]]}\n"
+    one = _recipe(tmp_path, tiny_assets, name="one", objective=base)
+    two = _recipe(tmp_path, tiny_assets, name="two", objective=base,
+                  training="  gradient_accumulation_steps: 2\n").replace("per_device_train_batch_size: 16",
+                                                                         "per_device_train_batch_size: 8")
+    run_distill(parse_recipe(one), progress=False)
+    run_distill(parse_recipe(two), progress=False)
+    _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+
+
+def test_resume_after_interruption_gives_the_same_student(tmp_path, tiny_assets, monkeypatch) -> None:
+    training = "  save_steps: 4\n"
+    objective = "  - {kind: jsd, beta: 0.3}\n  - {kind: ce}\n  - {kind: hidden_mse, layers: [[1, 2]]}\n"
+    full = _recipe(tmp_path, tiny_assets, name="full", objective=objective, training=training, max_steps=10)
+    run_distill(parse_recipe(full), progress=False)
+
+    part = _recipe(tmp_path, tiny_assets, name="part", objective=objective, training=training, max_steps=10)
+    original = trainer_module._check_finite
+
+    def interrupt(step, values, batch):
+        if step == 6:  # after checkpoint step-4 was written, during step 7
+            raise KeyboardInterrupt
+        original(step, values, batch)
+
+    monkeypatch.setattr(trainer_module, "_check_finite", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(parse_recipe(part), progress=False)
+    monkeypatch.setattr(trainer_module, "_check_finite", original)
+    kept = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
+    assert kept[-1] == "step-000004" and all(not name.startswith(".tmp") for name in kept)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_distill(parse_recipe(part), progress=False)
+    run_distill(parse_recipe(part), resume=True, progress=False)
+    _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "part"), atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set((s, i) for i, s in enumerate(steps)))
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path, tiny_assets) -> None:
+    bad = tmp_path / "nan-teacher"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_assets["bert-cls"])
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    model.save_pretrained(bad)
+    AutoTokenizer.from_pretrained(tiny_assets["bert-cls"]).save_pretrained(bad)
+    text = _recipe(tmp_path, tiny_assets).replace(f"teacher: {tiny_assets['bert-cls']}", f"teacher: {bad}")
+    text = text.replace("init_from_teacher: {strategy: uniform, num_layers: 2}",
+                        f"model: {tiny_assets['bert-cls']}")
+    with pytest.raises(TrainingError, match=r"step 1: loss term forward_kl is nan"):
+        run_distill(parse_recipe(text), progress=False)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_assets) -> None:
+    objective = "  - {kind: forward_kl, temperature: 2.0}\n  - {kind: ce}\n  - {kind: hidden_cosine, layers: [[-1, -1]]}\n"
+    single = _recipe(tmp_path, tiny_assets, name="single", objective=objective)
+    double = _recipe(tmp_path, tiny_assets, name="double", objective=objective).replace(
+        "per_device_train_batch_size: 16", "per_device_train_batch_size: 8")
+    run_distill(parse_recipe(single), progress=False)
+    recipe_file = tmp_path / "double.yaml"
+    recipe_file.write_text(double)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "kdistill", "distill", str(recipe_file), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "double" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "double"), atol=1e-5)
