@@ -153,6 +153,7 @@ class Distiller:
         self.student, self.teachers, self.terms, self.task = student, teachers, terms, task
         self.vocab_size = vocab_size
         self.labels = self._term_labels(terms)
+        self.uses_teacher = any(t.kind != "ce" for t in terms)  # else the teacher only initialised the student
         refs = [ref for t in terms for pair in t.layers for ref in pair]
         self.need_hidden = any(isinstance(r, int) for r in refs) or any(
             t.kind in POOLED_RELATIONS and not t.layers for t in terms
@@ -201,7 +202,7 @@ class Distiller:
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
         s_out = self.student(inputs, self.need_hidden, self.student_modules)
         t_outs = (self.teachers(inputs, self.need_hidden, self.teacher_modules)
-                  if self.teachers is not None else [])
+                  if self.teachers is not None and self.uses_teacher else [])
         masks = position_masks(batch, self.task)
         total = torch.zeros((), device=batch["input_ids"].device)
         values: dict[str, Tensor] = {}

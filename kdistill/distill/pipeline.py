@@ -124,9 +124,17 @@ def prepare_run_dir(recipe: Recipe, *, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def _quiet_transformers() -> None:
+    """No per-file progress bars from transformers (ours is enough); warnings still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run_distill(recipe: Recipe, *, resume: bool = False, force: bool = False, progress: bool = True,
                 accelerator: Accelerator | None = None) -> dict:
     """Build and train; export the student with its tokenizer; return (and save) the summary."""
+    _quiet_transformers()
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                      mixed_precision="bf16" if recipe.training.bf16 else "no")
     run_dir = prepare_run_dir(recipe, resume=resume, force=force) if acc.is_main_process else recipe.run_dir

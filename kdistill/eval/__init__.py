@@ -1,0 +1,1 @@
+"""Evaluation: speed and size of teacher and student, measured the same way."""
