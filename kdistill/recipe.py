@@ -235,9 +235,11 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None 
         data = yaml.safe_load(text)
         root = yaml.compose(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or _first_line(error)
+        if context is not None and mark is not None and context.line != mark.line:
+            problem += f" ({getattr(error, 'context', '') or 'in the block'} from line {context.line + 1})"
         raise ConfigError(f"{source}{where}: malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping (name:, task:, student:, ...)")
@@ -245,7 +247,8 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None 
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
+        # an unknown field is usually a misspelt known one: report it before the "missing" it causes
+        first = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         loc = tuple(first["loc"])
         field = ".".join(str(p) for p in loc) or "recipe"
         line = _yaml_line(root, loc)

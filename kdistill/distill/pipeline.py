@@ -107,21 +107,28 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     return job, tokenizer, sizes
 
 
-def prepare_run_dir(recipe: Recipe, *, resume: bool, force: bool) -> Path:
-    """Create the run directory and save the recipe; refuse another recipe's directory."""
+def check_run_dir(recipe: Recipe, *, resume: bool, force: bool) -> None:
+    """Refuse a run directory that holds the outputs of another recipe, or of this one unless resuming."""
     run_dir = recipe.run_dir
     saved = run_dir / "recipe.yaml"
-    text = dump_recipe(recipe)
-    if saved.exists() and saved.read_text() != text and not force:
+    has_outputs = (run_dir / "checkpoints").exists() or (run_dir / "student").exists()
+    if force or not has_outputs or not saved.exists():
+        return
+    if saved.read_text() != dump_recipe(recipe):
         raise ConfigError(f"{run_dir} holds a run of a different recipe ({saved}); use another output_dir, "
                           "or --force to overwrite it")
-    if not resume and (run_dir / "checkpoints").exists() and not force and saved.exists():
+    if not resume and (run_dir / "checkpoints").exists():
         raise ConfigError(f"{run_dir} already holds a run; --resume to continue it or --force to start over")
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_recipe(recipe: Recipe) -> Path:
+    """Write the validated recipe (every default filled in) into the run directory."""
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    saved = recipe.run_dir / "recipe.yaml"
     tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
+    tmp.write_text(dump_recipe(recipe))
     os.replace(tmp, saved)
-    return run_dir
+    return recipe.run_dir
 
 
 def _quiet_transformers() -> None:
@@ -137,9 +144,10 @@ def run_distill(recipe: Recipe, *, resume: bool = False, force: bool = False, pr
     _quiet_transformers()
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                      mixed_precision="bf16" if recipe.training.bf16 else "no")
-    run_dir = prepare_run_dir(recipe, resume=resume, force=force) if acc.is_main_process else recipe.run_dir
+    check_run_dir(recipe, resume=resume, force=force)
+    job, tokenizer, sizes = build_job(recipe)  # data and models load before anything is written
+    run_dir = save_recipe(recipe) if acc.is_main_process else recipe.run_dir
     acc.wait_for_everyone()
-    job, tokenizer, sizes = build_job(recipe)
     result: TrainResult = train(job, resume=resume, accelerator=acc, progress=progress)
     summary = {"recipe": recipe.name, "run_dir": str(run_dir), "parameters": sizes, **asdict(result),
                "processes": acc.num_processes}

@@ -1,0 +1,106 @@
+"""User mistakes reach the command line as one line on stderr and exit status 2, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_engine import _recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdistill.cli import main
+
+
+def _distill(capsys, tmp_path, text: str, *extra: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    code = main(["distill", str(path), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("kdistill: error: ")
+    return err
+
+
+def test_layer_index_out_of_range(capsys, tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets, student="  init_from_teacher: {strategy: explicit, layers: [0, 9]}\n")
+    assert "layer index 9 out of range for a teacher with 4 layers" in _distill(capsys, tmp_path, text)
+
+
+def test_missing_column_and_bad_label_name_the_row(capsys, tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets).replace("max_length: 16", "max_length: 16\n  text_column: sentence")
+    assert "missing column 'sentence'" in _distill(capsys, tmp_path, text)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good movie", "label": 1}\n{"text": "bad movie", "label": 7}\n')
+    text = _recipe(tmp_path, tiny_assets).replace(str(tiny_assets["train"]), str(bad)).replace(
+        "max_length: 16", "max_length: 16\n  labels: ['0', '1']")
+    err = _distill(capsys, tmp_path, text)
+    assert "bad.jsonl row 1: label 7 is not in the label set ['0', '1']" in err, err
+
+
+def test_empty_dataset(capsys, tmp_path, tiny_assets) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    text = _recipe(tmp_path, tiny_assets).replace(str(tiny_assets["train"]), str(empty))
+    assert "no rows" in _distill(capsys, tmp_path, text)
+
+
+def test_unknown_loss_kind_and_malformed_yaml(capsys, tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets, objective="  - {kind: kl}\n")
+    err = _distill(capsys, tmp_path, text)
+    assert "objective.0.kind: unknown loss kind 'kl'" in err and "line" in err
+    assert "malformed YAML" in _distill(capsys, tmp_path, "name: [x\n")
+
+
+def test_different_tokenizers_for_response_terms(capsys, tmp_path, tiny_assets) -> None:
+    other = tmp_path / "other-gpt2"
+    AutoModelForCausalLM.from_pretrained(tiny_assets["gpt2"]).save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["gpt2"])
+    tokenizer.add_tokens(["brandnew"])
+    tokenizer.save_pretrained(other)
+    text = _recipe(tmp_path, tiny_assets, "causal", student=f"  model: {other}\n")
+    assert "different tokenizers" in _distill(capsys, tmp_path, text)
+
+
+def test_other_recipe_in_run_dir_is_refused_without_force(capsys, tmp_path, tiny_assets) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_recipe(tmp_path, tiny_assets))
+    assert main(["distill", str(path), "--no-progress"]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
+    text = _recipe(tmp_path, tiny_assets, objective="  - {kind: ce}\n")
+    assert "different recipe" in _distill(capsys, tmp_path, text)
+    assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() == before
+
+
+def test_nan_loss_exits_2_and_keeps_the_last_checkpoint(tmp_path, tiny_assets) -> None:
+    """A teacher whose outputs turn NaN at step 5: the run stops there; checkpoint step-4 stays whole."""
+    text = _recipe(tmp_path, tiny_assets, training="  save_steps: 2\n", max_steps=8)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    script = (
+        "import sys, torch\n"
+        "import kdistill.signals.live as live\n"
+        "orig = live.LiveTeachers.__call__\n"
+        "calls = {'n': 0}\n"
+        "def poisoned(self, *a, **k):\n"
+        "    out = orig(self, *a, **k)\n"
+        "    calls['n'] += 1\n"
+        "    if calls['n'] > 5:\n"
+        "        out[0]['logits'] = out[0]['logits'] * float('nan')\n"
+        "    return out\n"
+        "live.LiveTeachers.__call__ = poisoned\n"
+        "from kdistill.cli import main\n"
+        f"sys.exit(main(['distill', {str(path)!r}, '--no-progress']))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("kdistill: error: step 6: loss term forward_kl is nan")
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-000002", "step-000004"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    pytest.importorskip("safetensors")

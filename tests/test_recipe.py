@@ -1,0 +1,91 @@
+"""Recipe schema: validation errors name the file, line and field; overrides; defaults written out."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kdistill.errors import ConfigError
+from kdistill.recipe import apply_overrides, dump_recipe, load_recipe, parse_recipe
+
+BASE = """\
+name: demo
+task: classification
+teacher: some/teacher
+student:
+  init_from_teacher: {strategy: uniform, num_layers: 2}
+data:
+  train: {source: train.jsonl}
+objective:
+  - kind: forward_kl
+    temperature: 2.0
+  - kind: ce
+"""
+
+
+def test_valid_recipe_fills_defaults_and_round_trips() -> None:
+    recipe = parse_recipe(BASE)
+    assert recipe.teachers[0].model == "some/teacher" and recipe.teachers[0].weight == 1.0
+    assert recipe.training.per_device_train_batch_size == 16
+    assert str(recipe.run_dir) == "runs/demo"
+    again = parse_recipe(dump_recipe(recipe))
+    assert again == recipe
+
+
+def test_malformed_yaml_names_the_line() -> None:
+    with pytest.raises(ConfigError, match=r"^r\.yaml line 4: malformed YAML: .* from line 3\)"):
+        parse_recipe("name: x\nstudent:\n  model: [a, b\n", "r.yaml")
+
+
+def test_unknown_loss_kind_names_line_and_field() -> None:
+    text = BASE.replace("kind: forward_kl", "kind: kl_div")
+    with pytest.raises(ConfigError, match=r"^r\.yaml line 9, objective\.0\.kind: unknown loss kind 'kl_div'"):
+        parse_recipe(text, "r.yaml")
+
+
+def test_unknown_and_missing_fields() -> None:
+    with pytest.raises(ConfigError, match=r"line 7, data\.train\.sourc: unknown field"):
+        parse_recipe(BASE.replace("{source: train.jsonl}", "{sourc: train.jsonl}"), "r.yaml")
+    with pytest.raises(ConfigError, match=r"data\.train\.source: required field is missing"):
+        parse_recipe(BASE.replace("{source: train.jsonl}", "{format: jsonl}"), "r.yaml")
+    with pytest.raises(ConfigError, match=r"training\.learning_rate: Input should be greater than 0"):
+        parse_recipe(BASE + "training: {learning_rate: -1}\n", "r.yaml")
+
+
+def test_terms_that_need_a_teacher_without_one() -> None:
+    text = BASE.replace("teacher: some/teacher\n", "").replace(
+        "init_from_teacher: {strategy: uniform, num_layers: 2}", "model: some/student")
+    with pytest.raises(ConfigError, match="need a teacher"):
+        parse_recipe(text)
+    fine_tune = text.replace("  - kind: forward_kl\n    temperature: 2.0\n", "")
+    assert parse_recipe(fine_tune).teachers == []
+
+
+def test_student_needs_exactly_one_source() -> None:
+    text = BASE.replace("init_from_teacher: {strategy: uniform, num_layers: 2}",
+                        "model: x\n  init_from_teacher: {strategy: first, num_layers: 1}")
+    with pytest.raises(ConfigError, match="exactly one of student.model and student.init_from_teacher"):
+        parse_recipe(text)
+
+
+def test_overrides_set_nested_values_and_list_items() -> None:
+    recipe = parse_recipe(BASE, overrides=["training.learning_rate=1e-4", "objective.0.weight=3",
+                                           "data.max_length=64", "output_dir=/tmp/x"])
+    assert recipe.training.learning_rate == 1e-4
+    assert recipe.objective[0].weight == 3.0
+    assert recipe.data.max_length == 64 and str(recipe.run_dir) == "/tmp/x"
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_recipe(BASE, overrides=["training.learning_rate"])
+    with pytest.raises(ConfigError, match="has no item 5"):
+        apply_overrides(yaml.safe_load(BASE), ["objective.5.weight=1"])
+
+
+def test_load_recipe_missing_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", ["recipes/distilbert.yaml", "recipes/sst2-minilm.yaml",
+                                  "recipes/sst2-minilm-teacher.yaml"])
+def test_shipped_recipes_validate(path: str) -> None:
+    assert load_recipe(path).objective
