@@ -13,13 +13,12 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
 from kdistill.data import CausalLMFormat, ClassificationFormat, Collator, MaskedLMFormat, infer_labels, load_rows
 from kdistill.data.sources import split_rows
 from kdistill.distill.distiller import _family
-from kdistill.distill.trainer import TrainJob, TrainResult, train
+from kdistill.distill.trainer import TrainJob, TrainResult, make_accelerator, train
 from kdistill.errors import ConfigError
 from kdistill.models.layers import find_layer_stack, select_layers
 from kdistill.models.resolve import load_model, load_tokenizer
@@ -142,8 +141,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, force: bool = False, pr
                 accelerator: Accelerator | None = None) -> dict:
     """Build and train; export the student with its tokenizer; return (and save) the summary."""
     _quiet_transformers()
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                     mixed_precision="bf16" if recipe.training.bf16 else "no")
+    acc = accelerator or make_accelerator(recipe.training.bf16)
     check_run_dir(recipe, resume=resume, force=force)
     job, tokenizer, sizes = build_job(recipe)  # data and models load before anything is written
     run_dir = save_recipe(recipe) if acc.is_main_process else recipe.run_dir

@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,6 +80,17 @@ class TrainResult:
     train_seconds: float
 
 
+def make_accelerator(bf16: bool) -> Accelerator:
+    """An Accelerator for this run (CPU when no GPU; bf16 autocast if asked).
+
+    Accelerate keeps one process-wide state; it is reset first so that several runs with
+    different precision can follow each other in one process (the process group stays)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no")
+
+
 # ---------------------------------------------------------------------------- data plan
 
 
@@ -136,8 +147,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
           progress: bool = True) -> TrainResult:
     """Train ``job.student``; write checkpoints, ``metrics.jsonl`` and the exported student."""
     cfg = job.training
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                     mixed_precision="bf16" if cfg.bf16 else "no")
+    acc = accelerator or make_accelerator(cfg.bf16)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     torch.manual_seed(cfg.seed)
 
@@ -181,6 +191,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
         metrics_path.unlink()
     acc.wait_for_everyone()
 
+    metrics_log = MetricsLog(metrics_path, acc.is_main_process)
     metric = cfg.metric_for_best_model or ("accuracy" if job.task == "classification" else "eval_loss")
     final_eval: dict = {}
     stopped_early = False
@@ -229,14 +240,15 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
                       "tokens_per_s": tokens_per_s}
             if cfg.max_grad_norm is not None:
                 record["grad_norm"] = grad_norm
-            _append_metrics(metrics_path, record, acc.is_main_process)
+            metrics_log.write(record)
             window_tokens, window_start = 0, time.perf_counter()
+            bar.tokens_per_s = tokens_per_s
         bar.update(state.step, step_values)
 
         if job.eval_examples and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps):
             final_eval = evaluate(student.model, job.task, job.eval_examples, job.collator,
                                   cfg.per_device_eval_batch_size, device, cfg.seed, job.vocab_size)
-            _append_metrics(metrics_path, {"step": state.step, **final_eval}, acc.is_main_process)
+            metrics_log.write({"step": state.step, **final_eval})
             bar.note(final_eval)
             if metric not in final_eval:
                 raise ConfigError(f"training.metric_for_best_model {metric!r} is not one of {sorted(final_eval)}")
@@ -260,6 +272,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
         if stopped_early:
             break
     bar.close()
+    metrics_log.close()
 
     # -- export: the best evaluated weights if any, else the final ones
     acc.wait_for_everyone()
@@ -284,11 +297,34 @@ def _check_finite(step: int, values: dict[str, Tensor], batch: dict[str, Tensor]
                                 f"[{shown}]; the last checkpoint is intact")
 
 
-def _append_metrics(path: Path, record: dict, main: bool) -> None:
-    if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
+class MetricsLog:
+    """Appends records to ``metrics.jsonl`` (and TensorBoard scalars when ``tensorboard`` is
+    installed), on the main process only."""
+
+    def __init__(self, path: Path, main: bool) -> None:
+        self.path, self.main, self.writer = path, main, None
+        if main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            prefix = "eval/" if any(k.startswith("eval_") for k in record) else "train/"
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -328,9 +364,13 @@ class _Progress:
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done, terms="")
 
+    tokens_per_s: float | None = None
+
     def update(self, step: int, values: dict[str, float]) -> None:
         if self.progress is not None:
             terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            if self.tokens_per_s is not None:
+                terms += f" | {self.tokens_per_s:,.0f} tok/s"
             self.progress.update(self.task, completed=step, terms=terms)
 
     def note(self, metrics: dict) -> None:
@@ -342,4 +382,3 @@ class _Progress:
             self.progress.stop()
 
 
-__all__ = ["TrainJob", "TrainResult", "evaluate", "train", "asdict"]

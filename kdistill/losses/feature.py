@@ -21,12 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, ShapeError
-from kdistill.losses.registry import register_loss
 from kdistill.losses.reduce import check_mask, normalise, select_valid
+from kdistill.losses.registry import register_loss
 
 COSINE_EPS = 1e-8
 

@@ -186,3 +186,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_asset
     summary = json.loads((tmp_path / "double" / "summary.json").read_text())
     assert summary["processes"] == 2
     _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "double"), atol=1e-5)
+
+
+def test_ensemble_of_teachers_and_bf16(tmp_path, tiny_assets) -> None:
+    second = tmp_path / "second-teacher"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_assets["bert-cls"])
+    with torch.no_grad():
+        model.classifier.weight.mul_(-3.0)
+    model.save_pretrained(second)
+    AutoTokenizer.from_pretrained(tiny_assets["bert-cls"]).save_pretrained(second)
+    text = _recipe(tmp_path, tiny_assets, objective="  - {kind: forward_kl, temperature: 2.0}\n"
+                   "  - {kind: hidden_cosine, layers: [[-1, -1]]}\n", training="  bf16: true\n")
+    text = text.replace(f"teacher: {tiny_assets['bert-cls']}",
+                        f"teachers:\n  - {{model: {tiny_assets['bert-cls']}, weight: 2}}\n  - {{model: {second}}}")
+    summary = run_distill(parse_recipe(text), progress=False)
+    assert summary["steps"] == 6
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x][-1]
+    assert last["forward_kl"] > 0 and last["hidden_cosine"] >= 0
+
+
+def test_early_stopping_and_keep_last_checkpoints(tmp_path, tiny_assets) -> None:
+    # learning rate 0: the metric never improves, so training stops after `patience` evaluations
+    text = _recipe(tmp_path, tiny_assets, max_steps=30, training="  save_steps: 1\n  save_total_limit: 2\n"
+                   "  early_stopping_patience: 2\n  eval_steps: 2\n").replace("learning_rate: 2.0e-3",
+                                                                              "learning_rate: 1.0e-12")
+    summary = run_distill(parse_recipe(text), progress=False)
+    assert summary["stopped_early"] and summary["steps"] == 6 and summary["best_step"] == 2
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["best-step-000002.safetensors", "step-000005", "step-000006"]

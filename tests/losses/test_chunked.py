@@ -110,3 +110,20 @@ def test_chunked_shape_errors() -> None:
         chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, wide))
     loss = chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, wide), vocab_size=50)
     assert torch.isfinite(loss)
+
+
+def test_chunked_ensemble_equals_dense_mixture() -> None:
+    from kdistill.losses import EnsembleHiddenTargets
+    from kdistill.losses.response import mixture_logits
+
+    hidden, head, t_hidden, t_head, mask = _setup(seed=6)
+    g = torch.Generator().manual_seed(60)
+    other = HiddenTargets(torch.randn(3, 7, 24, generator=g), LMHead(torch.randn(50, 24, generator=g)))
+    first = HiddenTargets(t_hidden, t_head)
+    logits = [t.head.logits(t.hidden.reshape(-1, 24)).reshape(3, 7, 50) for t in (first, other)]
+    dense = _dense(hidden, head, mixture_logits(logits, [0.3, 0.7], 2.0), mask, temperature=2.0)
+    chunked = chunked_distribution_loss(hidden, head, EnsembleHiddenTargets((first, other), (0.3, 0.7)), mask,
+                                        temperature=2.0, chunk_size=4)
+    assert chunked.item() == pytest.approx(dense.item(), rel=1e-5)
+    for a, b in zip(_grads(chunked, head, hidden), _grads(dense, head, hidden)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

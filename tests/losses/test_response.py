@@ -405,3 +405,27 @@ def test_registry_serves_each_divergence() -> None:
         assert entry.fn(s, t, temperature=2.0).item() == distribution_loss(s, t, kind=kind, temperature=2.0).item()
     with pytest.raises(ConfigError, match="unknown loss kind"):
         get_loss("kl_div")
+
+
+def test_mixture_logits_give_the_weighted_mixture_at_the_temperature() -> None:
+    from kdistill.losses.response import mixture_logits
+
+    g = torch.Generator().manual_seed(14)
+    a, b = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    for temperature in (1.0, 3.0):
+        mixed = mixture_logits([a, b], [0.25, 0.75], temperature)
+        want = 0.25 * (a / temperature).softmax(-1) + 0.75 * (b / temperature).softmax(-1)
+        torch.testing.assert_close((mixed / temperature).softmax(-1), want)
+    assert mixture_logits([a], [1.0], 2.0) is a
+
+
+def test_ignore_policy_with_one_hot_targets_is_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(2, 5, 30, generator=g)
+    labels = torch.randint(0, 30, (2, 5), generator=g)
+    targets = SparseTargets(labels[..., None], torch.zeros(2, 5, 1))
+    got = distribution_loss(logits, targets, kind="soft_ce", missing_mass="ignore")
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 30), labels.reshape(-1))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="only defined for soft_ce"):
+        distribution_loss(logits, targets, kind="forward_kl", missing_mass="ignore")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from kdistill.models.hooks import capture_outputs
 from kdistill.errors import ModelError
 from kdistill.losses.relation import attention_relation_kl
+from kdistill.models.hooks import capture_outputs
 
 QKV = [f"encoder.layer.1.attention.self.{name}" for name in ("query", "key", "value")]
 
