@@ -94,6 +94,16 @@ def _cmd_distill(args: argparse.Namespace) -> None:
           + f", {summary['train_seconds']:.1f} s; metrics in {summary['run_dir']}/metrics.jsonl")
 
 
+def _cmd_sft(args: argparse.Namespace) -> None:
+    from kdistill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.task != "causal" or recipe.data.format != "instruction":
+        raise ConfigError(f"{args.recipe}: kdistill sft needs task: causal and data.format: instruction "
+                          f"(got task {recipe.task}, format {recipe.data.format}); use kdistill distill otherwise")
+    _cmd_distill(args)
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -131,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
     distill.set_defaults(func=_cmd_distill)
+
+    sft = commands.add_parser("sft", help="instruction fine-tuning (Alpaca/chat template, loss on responses only)")
+    sft.add_argument("recipe", help="recipe YAML file (task: causal, data.format: instruction)")
+    sft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    sft.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    sft.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sft.set_defaults(func=_cmd_sft)
     return parser
 
 

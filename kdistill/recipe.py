@@ -75,6 +75,11 @@ class DataSpec(_Strict):
     labels: list[str] | None = None
     max_length: int = Field(128, ge=8)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    format: Literal["text", "instruction"] = "text"  # causal LM: raw text, or instruction/response rows
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    template: Literal["alpaca", "chat"] = "alpaca"
 
 
 class TermSpec(_Strict):
@@ -169,6 +174,8 @@ class Recipe(_Strict):
             raise ValueError(f"objective terms {needs_teacher} need a teacher; add teacher: <model>")
         if self.student.init_from_teacher is not None and not self.teachers:
             raise ValueError("student.init_from_teacher needs a teacher")
+        if self.data.format == "instruction" and self.task != "causal":
+            raise ValueError(f"data.format instruction needs task causal, not {self.task}")
         return self
 
     @property

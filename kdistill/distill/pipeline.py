@@ -16,6 +16,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from kdistill.data import CausalLMFormat, ClassificationFormat, Collator, MaskedLMFormat, infer_labels, load_rows
+from kdistill.data.instruction import InstructionFormat
 from kdistill.data.sources import split_rows
 from kdistill.distill.distiller import _family
 from kdistill.distill.trainer import TrainJob, TrainResult, make_accelerator, train
@@ -42,6 +43,9 @@ def _format(recipe: Recipe, labels: list[str] | None):
                                     data.max_length)
     if recipe.task == "mlm":
         return MaskedLMFormat(data.text_column, data.max_length)
+    if data.format == "instruction":
+        return InstructionFormat(data.instruction_column, data.input_column, data.output_column, data.template,
+                                 data.max_length)
     return CausalLMFormat(data.text_column, data.max_length)
 
 

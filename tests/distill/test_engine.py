@@ -214,3 +214,30 @@ def test_early_stopping_and_keep_last_checkpoints(tmp_path, tiny_assets) -> None
     assert summary["stopped_early"] and summary["steps"] == 6 and summary["best_step"] == 2
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["best-step-000002.safetensors", "step-000005", "step-000006"]
+
+
+def test_sft_on_instruction_data_with_token_level_kd(tmp_path, tiny_assets, capsys) -> None:
+    from kdistill.cli import main
+
+    rows = [{"instruction": f"the movie was {w}", "input": "" if i % 2 else "it was fun",
+             "output": f"the film was {w} and the story was {v}"}
+            for i, (w, v) in enumerate(zip(["good", "bad", "great", "awful", "dull", "fun"] * 8,
+                                           ["fine", "poor", "fun", "dull", "bad", "great"] * 8))]
+    data = tmp_path / "instructions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = _recipe(tmp_path, tiny_assets, "causal", objective="  - {kind: ce}\n  - {kind: forward_kl, weight: 0.5}\n",
+                   max_steps=12, training="  logging_steps: 1\n")
+    text = text.replace(str(tiny_assets["train"]), str(data)).replace(
+        f"  validation: {{source: {tiny_assets['dev']}}}\n", "  validation_fraction: 0.25\n").replace(
+        "max_length: 16", "max_length: 64\n  format: instruction")
+    path = tmp_path / "sft.yaml"
+    path.write_text(text)
+    assert main(["sft", str(path), "--no-progress"]) == 0, capsys.readouterr().err
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ce = [r["ce"] for r in records if "ce" in r]
+    assert ce[-1] < ce[0]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student").config.n_layer == 2
+    # a recipe that is not instruction data is refused by `sft`
+    path.write_text(_recipe(tmp_path, tiny_assets, "causal", name="plain"))
+    assert main(["sft", str(path), "--no-progress"]) == 2
+    assert "kdistill sft needs task: causal and data.format: instruction" in capsys.readouterr().err
