@@ -104,6 +104,21 @@ def _cmd_sft(args: argparse.Namespace) -> None:
     _cmd_distill(args)
 
 
+def _cmd_augment(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kdistill.blackbox.augment_run import run_augment, synthetic_path
+    from kdistill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with Progress(TextColumn("augmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+        task = progress.add_task("augment", total=recipe.augment.num_examples if recipe.augment else 0)
+        counts = run_augment(recipe, progress=lambda done, total: progress.update(task, completed=done))
+    print(f"{counts['synthetic_rows']} synthetic rows in {synthetic_path(recipe)} "
+          f"({counts.get('dropped_unparsable', 0)} unparsable outputs dropped); "
+          f"data card: {synthetic_path(recipe).parent / 'data_card.md'}")
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -142,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
     distill.set_defaults(func=_cmd_distill)
 
+    augment = commands.add_parser("augment", help="GPT3Mix: a text teacher writes labelled examples with soft labels")
+    augment.add_argument("recipe", help="recipe YAML file with an augment: section")
+    augment.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    augment.set_defaults(func=_cmd_augment)
+
+    from kdistill.blackbox.serve import register_cli
+
+    register_cli(commands)
+
     sft = commands.add_parser("sft", help="instruction fine-tuning (Alpaca/chat template, loss on responses only)")
     sft.add_argument("recipe", help="recipe YAML file (task: causal, data.format: instruction)")
     sft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -150,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")
     sft.set_defaults(func=_cmd_sft)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """No per-file progress bars from transformers: the CLI draws its own."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
+    _quiet_libraries()
     try:
         args.func(args)
     except KdistillError as error:

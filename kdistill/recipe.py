@@ -120,6 +120,51 @@ class TermSpec(_Strict):
         return kind
 
 
+class TextTeacherSpec(_Strict):
+    """A black-box teacher: a local HF causal LM, or a model behind an OpenAI-compatible API.
+
+    The API key is read from the environment variable ``api_key_env`` only (never from the recipe).
+    Every request and answer is recorded (SQLite in the run's ``data/``) unless ``replay: false``,
+    so a rerun costs nothing.
+    """
+
+    backend: Literal["local", "openai"] = "local"
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    chat: bool = False
+    batch_size: int = Field(8, ge=1)
+    max_concurrency: int = Field(4, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    replay: bool = True
+
+    @model_validator(mode="after")
+    def _url(self) -> TextTeacherSpec:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("an openai backend needs base_url (e.g. https://api.openai.com/v1)")
+        return self
+
+
+class AugmentSpec(_Strict):
+    """GPT3Mix augmentation: what the prompt says, how many examples to write, how to mix them in."""
+
+    teacher: TextTeacherSpec
+    text_type: str
+    label_type: str
+    verbalizers: list[str] | None = None  # label names as the teacher writes them (default: data.labels)
+    k: int = Field(4, ge=1)
+    sampling: Literal["uniform", "balanced"] = "balanced"
+    num_examples: int = Field(100, ge=1)
+    seed: int = 0
+    temperature: float = Field(0.9, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    top_logprobs: int = Field(10, ge=1)
+    votes: int = Field(8, ge=1)
+    ratio: float = Field(1.0, ge=0)  # synthetic : real rows when training
+
+
 class TrainingSpec(_Strict):
     per_device_train_batch_size: int = Field(16, ge=1)
     per_device_eval_batch_size: int = Field(64, ge=1)
@@ -150,6 +195,7 @@ class Recipe(_Strict):
     data: DataSpec
     objective: list[TermSpec]
     training: TrainingSpec = TrainingSpec()
+    augment: AugmentSpec | None = None
     trust_remote_code: bool = False
 
     @model_validator(mode="before")
@@ -174,6 +220,8 @@ class Recipe(_Strict):
             raise ValueError(f"objective terms {needs_teacher} need a teacher; add teacher: <model>")
         if self.student.init_from_teacher is not None and not self.teachers:
             raise ValueError("student.init_from_teacher needs a teacher")
+        if self.augment is not None and self.task != "classification":
+            raise ValueError(f"augment (GPT3Mix) makes classification data; task is {self.task}")
         if self.data.format == "instruction" and self.task != "causal":
             raise ValueError(f"data.format instruction needs task causal, not {self.task}")
         return self

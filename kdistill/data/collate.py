@@ -151,13 +151,22 @@ class Collator:
                 raise DataError(f"example {ex['example_id']}: 'labels' must be a class index, got {label!r}")
             labels.append(int(label))
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        if all(ex.get("soft_labels") is not None for ex in examples):
-            widths = {len(ex["soft_labels"]) for ex in examples}
+        if any(ex.get("soft_labels") is not None for ex in examples):
+            # a mix of synthetic (soft) and real (hard) rows: real rows get one-hot soft labels,
+            # so one soft-target cross-entropy trains on both
+            widths = {len(ex["soft_labels"]) for ex in examples if ex.get("soft_labels") is not None}
             if len(widths) != 1:
                 raise DataError(f"batch: soft_labels have different lengths {sorted(widths)}")
-            batch["soft_labels"] = torch.tensor(
-                [ex["soft_labels"] for ex in examples], dtype=torch.float32
-            )
+            width = widths.pop()
+            soft = torch.zeros(len(examples), width, dtype=torch.float32)
+            for b, ex in enumerate(examples):
+                if ex.get("soft_labels") is not None:
+                    soft[b] = torch.tensor(ex["soft_labels"], dtype=torch.float32)
+                elif labels[b] < width:
+                    soft[b, labels[b]] = 1.0
+                else:
+                    raise DataError(f"example {ex['example_id']}: label {labels[b]} has no soft-label column")
+            batch["soft_labels"] = soft
 
     def _special_mask(self, examples: Sequence[dict[str, Any]], length: int) -> Tensor:
         """(B, length) bool: special tokens and padding (never selected for masking)."""

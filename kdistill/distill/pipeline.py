@@ -67,6 +67,10 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     labels = None
     if recipe.task == "classification":
         labels = data.labels or infer_labels(train_rows, data.label_column, source_name=data.train.source)
+    if recipe.augment is not None:
+        from kdistill.blackbox.augment_run import synthetic_rows
+
+        train_rows = train_rows + synthetic_rows(recipe, len(train_rows), labels)
     head_kwargs = {"labels": labels} if recipe.task == "classification" else {}
 
     teacher_models = [load_model(t.model, recipe.task, trust_remote_code=recipe.trust_remote_code, **head_kwargs)

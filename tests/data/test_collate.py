@@ -71,10 +71,12 @@ def test_classification_batch(bert) -> None:
     assert batch["example_ids"].tolist() == [0, 1]
 
 
-def test_soft_labels_only_when_every_example_has_them(bert) -> None:
+def test_mixed_batches_give_real_rows_one_hot_soft_labels(bert) -> None:
     rows = [{"text": "good", "label": 1, "probs": [0.1, 0.9]}, {"text": "bad", "label": 0}]
     batch = Collator(bert, "classification")(ClassificationFormat().encode(rows, bert))
-    assert "soft_labels" not in batch
+    assert batch["soft_labels"].tolist() == [[pytest.approx(0.1), pytest.approx(0.9)], [1.0, 0.0]]
+    hard_only = Collator(bert, "classification")(ClassificationFormat().encode(rows[1:], bert))
+    assert "soft_labels" not in hard_only
 
 
 def test_example_ids_carried_and_pad_to_multiple(bert) -> None:

@@ -63,7 +63,7 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         bert_tok.save_pretrained(root / name)
         paths[name] = root / name
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt_tok), n_embd=32, n_layer=4, n_head=4, n_positions=64,
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt_tok), n_embd=32, n_layer=4, n_head=4, n_positions=256,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3,
                                      bos_token_id=2, eos_token_id=2, pad_token_id=0))
     gpt.save_pretrained(root / "gpt2")

@@ -1,0 +1,64 @@
+"""`kdistill augment` with a real local model, and the real + synthetic training mix."""
+
+from __future__ import annotations
+
+import json
+
+from kdistill.cli import main
+from kdistill.distill.pipeline import run_distill
+from kdistill.recipe import parse_recipe
+
+
+def _recipe(tmp_path, assets, teacher_model, extra: str = "") -> str:
+    return f"""
+name: aug
+task: classification
+output_dir: {tmp_path / 'aug'}
+student:
+  model: {assets['bert-cls']}
+data:
+  train: {{source: {assets['train']}}}
+  validation: {{source: {assets['dev']}}}
+  labels: ['0', '1']
+  max_length: 24
+objective:
+  - {{kind: ce}}
+training: {{per_device_train_batch_size: 16, max_steps: 4, learning_rate: 1.0e-3}}
+augment:
+  teacher: {{backend: local, model: {teacher_model}, batch_size: 4}}
+  text_type: movie review
+  label_type: sentiment
+  verbalizers: [negative, positive]
+  num_examples: 3
+  max_new_tokens: 12
+  ratio: 0.5
+{extra}"""
+
+
+def test_augment_with_a_real_local_model_that_writes_nonsense(tmp_path, tiny_assets, capsys) -> None:
+    """A random tiny GPT-2 never writes '(sentiment: ...)': every output is dropped, the run says so
+    in one line (exit 2) and still writes the data card and the recorded teacher calls."""
+    path = tmp_path / "aug.yaml"
+    path.write_text(_recipe(tmp_path, tiny_assets, tiny_assets["gpt2"]))
+    assert main(["augment", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unparsable" in err[0]
+    card = json.loads((tmp_path / "aug" / "data" / "data_card.json").read_text())
+    assert card["counts"]["synthetic_rows"] == 0 and card["counts"]["dropped_unparsable"] == card["counts"]["prompts"]
+    assert "Each item in the following list contains a movie review" in card["prompt_templates"]["prompt"]
+    assert (tmp_path / "aug" / "data" / "teacher_calls.sqlite").stat().st_size > 0
+
+
+def test_training_mixes_synthetic_rows_at_the_ratio(tmp_path, tiny_assets) -> None:
+    recipe = parse_recipe(_recipe(tmp_path, tiny_assets, tiny_assets["gpt2"]))
+    data = tmp_path / "aug" / "data"
+    data.mkdir(parents=True)
+    rows = [{"id": f"0-{i}", "text": "the movie was great fun", "label": "positive", "probs": [0.2, 0.8],
+             "source": "synthetic"} for i in range(100)]
+    (data / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from kdistill.blackbox.augment_run import synthetic_rows
+
+    mixed = synthetic_rows(recipe, 96, ["0", "1"])
+    assert len(mixed) == 48 and mixed[0] == {"text": "the movie was great fun", "label": "1", "probs": [0.2, 0.8]}
+    summary = run_distill(recipe, progress=False)
+    assert summary["steps"] == 4
