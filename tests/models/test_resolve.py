@@ -87,7 +87,7 @@ def test_unknown_hub_id_fails_fast_offline(offline) -> None:
         resolve_model_path("kdistill-tests/no-such-model")
     assert time.monotonic() - start < 5
     assert str(info.value) == (
-        "model 'kdistill-tests/no-such-model' is not a local directory, a known alias (minilm-l6), "
+        "model 'kdistill-tests/no-such-model' is not a local directory, a known alias (gemma-3-270m, minilm-l6), "
         "or a cached hub model (offline: HF_HUB_OFFLINE=1 or no network)"
     )
     with pytest.raises(ModelError, match="is not a local directory"):
