@@ -13,7 +13,7 @@ from kdistill.losses import all_losses
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "kdistill", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=900)
 
 
 def test_example_distils_and_writes_metrics(tmp_path) -> None:
