@@ -34,12 +34,20 @@ class TeacherSpec(_Strict):
     weight: float = Field(1.0, gt=0)
 
 
+class VocabSpec(_Strict):
+    """Trim the student's vocabulary to the tokens the training corpus uses (+ special and byte tokens)."""
+
+    keep: Literal["corpus"] = "corpus"
+    max_size: int | None = Field(None, ge=2)
+
+
 class StudentInit(_Strict):
-    """Build the student from the teacher's layers."""
+    """Build the student from the teacher's layers (optionally with a trimmed vocabulary)."""
 
     strategy: Literal["every_other", "uniform", "first", "explicit"] = "every_other"
     num_layers: int | None = Field(None, ge=1)
     layers: list[int] | None = None
+    vocab: VocabSpec | None = None
 
 
 class StudentSpec(_Strict):
@@ -106,6 +114,7 @@ class TermSpec(_Strict):
     layers: list[tuple[int | str, int | str]] = Field(default_factory=list)
     modules: list[tuple[str, str]] = Field(default_factory=list)
     num_relation_heads: int = Field(1, ge=1)
+    missing_mass: Literal["tail", "renormalize"] = "tail"  # sparse (cached) targets: mass outside the top-k
 
     @field_validator("kind")
     @classmethod
@@ -118,6 +127,18 @@ class TermSpec(_Strict):
             except ConfigError as error:  # pydantic reports ValueErrors with their location
                 raise ValueError(f"{error}, ce") from None
         return kind
+
+
+class SignalSpec(_Strict):
+    """Where teacher targets come from: a live teacher, or a top-k cache written by ``kdistill cache``."""
+
+    source: Literal["live", "cache"] = "live"
+    cache_dir: str | None = None  # default: <output_dir>/cache
+    k: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    sampled: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(1024, ge=1)
 
 
 class TextTeacherSpec(_Strict):
@@ -165,6 +186,22 @@ class AugmentSpec(_Strict):
     ratio: float = Field(1.0, ge=0)  # synthetic : real rows when training
 
 
+class GenerateSpec(_Strict):
+    """Self-Instruct / Alpaca generation of instruction data by a black-box teacher."""
+
+    teacher: TextTeacherSpec
+    mode: Literal["self_instruct", "alpaca"] = "self_instruct"
+    seeds: str | None = None  # Self-Instruct JSONL or Alpaca JSON; default: kdistill's built-in seed tasks
+    num_instructions: int = Field(100, ge=1)
+    max_instances: int = Field(5, ge=1)
+    prompts_per_call: int = Field(5, ge=1)
+    max_prompts: int | None = Field(None, ge=1)
+    eval_sets: list[str] = Field(default_factory=list)  # files of evaluation texts to decontaminate against
+    seed: int = 0
+    temperature: float | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+
+
 class TrainingSpec(_Strict):
     per_device_train_batch_size: int = Field(16, ge=1)
     per_device_eval_batch_size: int = Field(64, ge=1)
@@ -196,6 +233,8 @@ class Recipe(_Strict):
     objective: list[TermSpec]
     training: TrainingSpec = TrainingSpec()
     augment: AugmentSpec | None = None
+    generate: GenerateSpec | None = None
+    signal: SignalSpec = SignalSpec()
     trust_remote_code: bool = False
 
     @model_validator(mode="before")
@@ -220,6 +259,22 @@ class Recipe(_Strict):
             raise ValueError(f"objective terms {needs_teacher} need a teacher; add teacher: <model>")
         if self.student.init_from_teacher is not None and not self.teachers:
             raise ValueError("student.init_from_teacher needs a teacher")
+        if self.signal.source == "cache":
+            if self.task != "causal":
+                raise ValueError(f"signal.source cache is for causal LMs, not task {self.task}")
+            for term in self.objective:
+                if term.kind == "ce":
+                    continue
+                from kdistill.losses import get_loss
+
+                if get_loss(term.kind).family != "response":
+                    raise ValueError(f"objective term {term.kind} needs a live teacher (the cache holds top-k targets)")
+                if term.temperature != self.signal.temperature:
+                    raise ValueError(f"objective term {term.kind} has temperature {term.temperature} but the cache is "
+                                     f"written at signal.temperature {self.signal.temperature}")
+        init = self.student.init_from_teacher
+        if init is not None and init.vocab is not None and self.task != "causal":
+            raise ValueError("student.init_from_teacher.vocab (trimming) is supported for causal LMs")
         if self.augment is not None and self.task != "classification":
             raise ValueError(f"augment (GPT3Mix) makes classification data; task is {self.task}")
         if self.data.format == "instruction" and self.task != "causal":
@@ -229,6 +284,10 @@ class Recipe(_Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or os.path.join("runs", self.name))
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.signal.cache_dir) if self.signal.cache_dir else self.run_dir / "cache"
 
 
 # ------------------------------------------------------------------ loading, overrides, errors

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import StoppingCriteria
 
 from kdistill.errors import ConfigError, KdistillError, ModelError
 
@@ -154,6 +155,26 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
 
 _CONTEXT_TOKENS = 4  # prompt tokens decoded before each piece, so leading spaces come out right
 _ALT_WINDOW = 8  # tokens decoded before each top-k alternative
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Generation stopping criterion: a sequence is done once its generated text holds a stop string.
+
+    Only the last ``window`` generated tokens are decoded each step (enough for any stop string);
+    (B,) booleans per step, so finished sequences stop while the others go on.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+        self.window = max(16, 4 * max(len(stop) for stop in stops))
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        done = []
+        for row in input_ids:
+            start = max(self.prompt_length, row.shape[0] - self.window)
+            tail = self.tokenizer.decode(row[start:], skip_special_tokens=False)
+            done.append(any(stop in tail for stop in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class LocalTeacher:
@@ -311,24 +332,40 @@ class LocalTeacher:
         )
         if sample:
             kwargs.update(temperature=float(params.temperature), top_p=float(params.top_p), top_k=0)
+        if params.stop:  # stop each sequence at its first stop string instead of generating max_tokens
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_StopOnStrings(self.tokenizer, params.stop, input_ids.shape[1])])
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         generated = out.sequences[:, input_ids.shape[1]:]  # (B·n, L)
         temperature = float(params.temperature) if sample else 1.0
-        # (B·n, L, V) fp32 log-probabilities of the raw logits at the sampling temperature
-        logits = torch.stack(out.logits, dim=1).float()
-        logp = torch.log_softmax(logits / temperature, dim=-1)
+        # per step, log-probabilities of the raw logits at the sampling temperature, reduced at once to
+        # the chosen token's (B·n, L) and the top-k alternatives' (B·n, L, k): no (B·n, L, V) tensor
+        k = min(max(logprobs or 0, 1), int(out.logits[0].shape[-1]))
+        chosen, top_values, top_indices = [], [], []
+        for step, step_logits in enumerate(out.logits):
+            logp = torch.log_softmax(step_logits.float() / temperature, dim=-1)  # (B·n, V)
+            chosen.append(logp.gather(-1, generated[:, step : step + 1]).squeeze(-1))
+            values, indices = logp.topk(k, dim=-1)
+            top_values.append(values)
+            top_indices.append(indices)
+        chosen_t = torch.stack(chosen, 1) if chosen else torch.empty(generated.shape[0], 0)
+        values_t = torch.stack(top_values, 1) if top_values else torch.empty(generated.shape[0], 0, k)
+        indices_t = torch.stack(top_indices, 1) if top_indices else torch.empty(generated.shape[0], 0, k, dtype=torch.long)
         results: list[list[Completion]] = []
         for b, prompt_ids in enumerate(encoded):
             samples = []
             for j in range(draws):
                 row = b * draws + j
-                samples.append(self._completion(prompt_ids, generated[row], logp[row], params, logprobs))
+                samples.append(self._completion(prompt_ids, generated[row], chosen_t[row],
+                                                (values_t[row], indices_t[row]), params, logprobs))
             results.append(samples + [copy.deepcopy(samples[0]) for _ in range(n - draws)])
         return results
 
     def _completion(
-        self, prompt_ids: list[int], gen: torch.Tensor, logp: torch.Tensor, params: SamplingParams,
-        logprobs: int | None,
+        self, prompt_ids: list[int], gen: torch.Tensor, chosen_logp: torch.Tensor,
+        top: tuple[torch.Tensor, torch.Tensor], params: SamplingParams, logprobs: int | None,
     ) -> Completion:
         ids = gen.tolist()
         finish = "length"
@@ -347,17 +384,17 @@ class LocalTeacher:
                 offset += len(pieces[keep])
                 keep += 1
             text, finish, ids, pieces = text[:cut], "stop", ids[:keep], pieces[:keep]
-        chosen = logp[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)] if ids else torch.empty(0)
-        top = self._alternatives(context, ids, pieces, logp, logprobs) if logprobs else None
-        return Completion(text=text, tokens=pieces, token_logprobs=chosen.tolist(), top_logprobs=top,
+        chosen = chosen_logp[: len(ids)]
+        alternatives = self._alternatives(context, ids, pieces, top, logprobs) if logprobs else None
+        return Completion(text=text, tokens=pieces, token_logprobs=chosen.tolist(), top_logprobs=alternatives,
                           finish_reason=finish)
 
     def _alternatives(
-        self, context: list[int], ids: list[int], pieces: list[str], logp: torch.Tensor, k: int
+        self, context: list[int], ids: list[int], pieces: list[str], top: tuple[torch.Tensor, torch.Tensor], k: int
     ) -> list[dict[str, float]]:
         """Per position, the top-k tokens → log-prob (descending); each alternative's text is decoded
         after the last ``_ALT_WINDOW`` tokens before it, the chosen token keeps its piece."""
-        values, indices = logp[: len(ids)].topk(min(k, logp.shape[-1]), dim=-1)  # sorted, descending
+        values, indices = top[0][: len(ids), :k], top[1][: len(ids), :k]  # sorted, descending
         history = context + ids
         top = []
         for i in range(len(ids)):
