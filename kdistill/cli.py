@@ -119,6 +119,27 @@ def _cmd_augment(args: argparse.Namespace) -> None:
           f"data card: {synthetic_path(recipe).parent / 'data_card.md'}")
 
 
+def _cmd_self_instruct(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kdistill.blackbox.generate_run import run_generate
+    from kdistill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        tasks: dict[str, object] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = run_generate(recipe, progress=progress)
+    kept = result.counts.get("examples_kept")
+    print(f"instruction data: {result.data_json} and {result.data_jsonl} ({kept} examples kept); "
+          f"data card: {result.card_md}")
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -161,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     augment.add_argument("recipe", help="recipe YAML file with an augment: section")
     augment.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     augment.set_defaults(func=_cmd_augment)
+
+    self_instruct = commands.add_parser("self-instruct",
+                                        help="Self-Instruct/Alpaca: a text teacher writes instruction data")
+    self_instruct.add_argument("recipe", help="recipe YAML file with a generate: section")
+    self_instruct.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    self_instruct.set_defaults(func=_cmd_self_instruct)
 
     from kdistill.blackbox.serve import register_cli
 
