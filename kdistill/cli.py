@@ -140,6 +140,20 @@ def _cmd_self_instruct(args: argparse.Namespace) -> None:
           f"data card: {result.card_md}")
 
 
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kdistill.distill.pipeline import run_cache
+    from kdistill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    with Progress(TextColumn("caching teacher"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("cache", total=None)
+        info = run_cache(recipe, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print(f"teacher signal for {info['examples']} examples ({info['tokens']:,} tokens, top-{info['k']}, "
+          f"{info['bytes_per_token']} bytes/token) in {info['cache_dir']}")
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -177,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
     distill.set_defaults(func=_cmd_distill)
+
+    cache = commands.add_parser("cache", help="run the teacher once and store its top-k signal for training")
+    cache.add_argument("recipe", help="recipe YAML file (task: causal)")
+    cache.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    cache.set_defaults(func=_cmd_cache)
 
     augment = commands.add_parser("augment", help="GPT3Mix: a text teacher writes labelled examples with soft labels")
     augment.add_argument("recipe", help="recipe YAML file with an augment: section")

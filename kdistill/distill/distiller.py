@@ -24,6 +24,7 @@ from kdistill.errors import ConfigError, KdistillError
 from kdistill.losses import (
     EnsembleHiddenTargets,
     HiddenTargets,
+    LMHead,
     SparseTargets,
     chunked_distribution_loss,
     distribution_loss,
@@ -35,7 +36,6 @@ from kdistill.losses.response import mixture_logits
 from kdistill.models.heads import lm_head_of
 from kdistill.models.outputs import forward_outputs
 from kdistill.recipe import TermSpec
-from kdistill.signals.live import LiveTeachers
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 POOLED_RELATIONS = ("rkd_distance", "rkd_angle", "similarity_preserving")
@@ -124,6 +124,15 @@ class StudentModule(nn.Module):
         return forward_outputs(self.model, self.task, inputs, hidden_states, modules)
 
 
+def _rows_of(head: LMHead, vocab_map: Tensor | None) -> LMHead:
+    """The teacher head restricted to a trimmed student's vocabulary (rows ``new_to_old``): the
+    teacher distribution is then renormalised over the kept tokens."""
+    if vocab_map is None:
+        return head
+    bias = None if head.bias is None else head.bias[vocab_map]
+    return LMHead(head.weight[vocab_map], bias, head.scale, head.softcap)
+
+
 def _state(outputs: dict, ref: int | str) -> Tensor:
     """A hidden state by index into ``hidden_states`` or a hooked module's output by path."""
     if isinstance(ref, int):
@@ -145,7 +154,7 @@ class Distiller:
     def __init__(
         self,
         student: nn.Module,
-        teachers: LiveTeachers | None,
+        teachers,  # LiveTeachers | CachedTeacher | None
         terms: list[TermSpec],
         task: str,
         vocab_size: int | None = None,
@@ -188,7 +197,7 @@ class Distiller:
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
         with torch.no_grad():
             s_out = module(inputs, self.need_hidden, self.student_modules)
-            t_outs = self.teachers(inputs, self.need_hidden, self.teacher_modules)
+            t_outs = self.teachers(inputs, self.need_hidden, self.teacher_modules, batch)
         for t_out in t_outs:
             specs = {}
             for term in feature_terms:
@@ -201,7 +210,7 @@ class Distiller:
         """Weighted loss of one micro-batch and each term's unweighted value (both 0-dim)."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
         s_out = self.student(inputs, self.need_hidden, self.student_modules)
-        t_outs = (self.teachers(inputs, self.need_hidden, self.teacher_modules)
+        t_outs = (self.teachers(inputs, self.need_hidden, self.teacher_modules, batch)
                   if self.teachers is not None and self.uses_teacher else [])
         masks = position_masks(batch, self.task)
         total = torch.zeros((), device=batch["input_ids"].device)
@@ -260,12 +269,21 @@ class Distiller:
         options = dict(kind=term.kind, temperature=term.temperature, scale_by_t2=term.scale_by_t2,
                        beta=term.beta, alpha=term.alpha, num_valid=count, vocab_size=self.vocab_size)
         weights = self.teachers.weights
+        student_hidden, student_head = None, None
         if self.task == "causal":
-            members = tuple(HiddenTargets(t["final_hidden"][:, :-1], lm_head_of(m))
+            student_hidden = s_out["final_hidden"][:, :-1]
+            student_head = lm_head_of(self._student_model())
+        if "sparse" in t_outs[0]:  # cached top-k targets: row j is the distribution of token j + 1
+            sparse = t_outs[0]["sparse"]
+            targets = SparseTargets(sparse.ids[:, :-1], sparse.logprobs[:, :-1], sparse.temperature)
+            return chunked_distribution_loss(student_hidden, student_head, targets, mask,
+                                             missing_mass=term.missing_mass, **options)
+        if self.task == "causal":
+            vocab_map = getattr(self.teachers, "vocab_map", None)
+            members = tuple(HiddenTargets(t["final_hidden"][:, :-1], _rows_of(lm_head_of(m), vocab_map))
                             for t, m in zip(t_outs, self.teachers.models))
             targets = members[0] if len(members) == 1 else EnsembleHiddenTargets(members, tuple(weights))
-            return chunked_distribution_loss(s_out["final_hidden"][:, :-1], lm_head_of(self._student_model()),
-                                             targets, mask, **options)
+            return chunked_distribution_loss(student_hidden, student_head, targets, mask, **options)
         teacher_logits = mixture_logits([t["logits"] for t in t_outs], weights, term.temperature)
         logits = s_out["logits"]
         return distribution_loss(logits, teacher_logits, mask, **options)

@@ -20,7 +20,7 @@ from kdistill.data.instruction import InstructionFormat
 from kdistill.data.sources import split_rows
 from kdistill.distill.distiller import _family
 from kdistill.distill.trainer import TrainJob, TrainResult, make_accelerator, train
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError
 from kdistill.models.layers import find_layer_stack, select_layers
 from kdistill.models.resolve import load_model, load_tokenizer
 from kdistill.models.student import count_parameters, student_from_teacher
@@ -34,6 +34,23 @@ def _rows(split: SplitSpec, text_column: str) -> list[dict]:
     rows = load_rows(split.source, format=split.format, split=split.split, config_name=split.config_name,
                      text_column=text_column)
     return rows[: split.limit] if split.limit else rows
+
+
+def _split_rows(recipe: Recipe) -> tuple[list[dict], list[dict], list[str] | None]:
+    """(train rows, validation rows, class labels or None): the recipe's data, split as every stage splits it."""
+    data = recipe.data
+    train_rows = _rows(data.train, data.text_column)
+    if data.validation is not None:
+        eval_rows = _rows(data.validation, data.text_column)
+    elif data.validation_fraction > 0:
+        train_rows, eval_rows = split_rows(train_rows, validation_fraction=data.validation_fraction,
+                                           seed=recipe.training.seed)
+    else:
+        eval_rows = []
+    labels = None
+    if recipe.task == "classification":
+        labels = data.labels or infer_labels(train_rows, data.label_column, source_name=data.train.source)
+    return train_rows, eval_rows, labels
 
 
 def _format(recipe: Recipe, labels: list[str] | None):
@@ -56,17 +73,7 @@ def _same_vocabulary(a, b) -> bool:
 def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     """Load data, teachers and student for ``recipe``; return the job, the tokenizer and sizes."""
     data = recipe.data
-    train_rows = _rows(data.train, data.text_column)
-    if data.validation is not None:
-        eval_rows = _rows(data.validation, data.text_column)
-    elif data.validation_fraction > 0:
-        train_rows, eval_rows = split_rows(train_rows, validation_fraction=data.validation_fraction,
-                                           seed=recipe.training.seed)
-    else:
-        eval_rows = []
-    labels = None
-    if recipe.task == "classification":
-        labels = data.labels or infer_labels(train_rows, data.label_column, source_name=data.train.source)
+    train_rows, eval_rows, labels = _split_rows(recipe)
     if recipe.augment is not None:
         from kdistill.blackbox.augment_run import synthetic_rows
 
@@ -103,15 +110,94 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     fmt = _format(recipe, labels)
     train_examples = fmt.encode(train_rows, tokenizer, source_name=data.train.source)
     eval_examples = fmt.encode(eval_rows, tokenizer, source_name="validation") if eval_rows else None
+    teacher_examples = train_examples  # in the teacher's token ids (what a cache was written on)
+
+    plan = None
+    init = spec.init_from_teacher
+    if init is not None and init.vocab is not None:
+        plan, student, tokenizer, train_examples, eval_examples = _trim_vocabulary(
+            student, tokenizer, train_examples, eval_examples, init.vocab.max_size)
+        vocab_size = None  # teacher targets are mapped into the student's vocabulary
+
+    if recipe.signal.source == "cache":
+        from kdistill.signals.cache import hash_examples, hash_model, hash_tokenizer, open_cache
+        from kdistill.signals.cached import CachedTeacher
+
+        expect = {"teacher_sha256": hash_model(teacher_models[0]),
+                  "tokenizer_sha256": hash_tokenizer(load_tokenizer(recipe.teachers[0].model,
+                                                                    trust_remote_code=recipe.trust_remote_code)),
+                  "data_sha256": hash_examples(teacher_examples), "k": recipe.signal.k,
+                  "temperature": recipe.signal.temperature}
+        cache = open_cache(recipe.cache_dir, expect=expect)
+        teachers = CachedTeacher(cache, None if plan is None else plan.old_to_new)
+    elif teacher_models:
+        teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task,
+                                None if plan is None else plan.new_to_old)
+    else:
+        teachers = None
     collator = Collator(tokenizer, recipe.task, mlm_probability=data.mlm_probability)
-    teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task) \
-        if teacher_models else None
     sizes = {"student": count_parameters(student)}
     if teacher_models:
         sizes["teacher"] = count_parameters(teacher_models[0])
     job = TrainJob(student, recipe.task, teachers, list(recipe.objective), train_examples, eval_examples, collator,
                    recipe.training, recipe.run_dir, vocab_size)
-    return job, tokenizer, sizes
+    extras = {"vocab_plan": plan}
+    return job, tokenizer, sizes, extras
+
+
+def _trim_vocabulary(student, tokenizer, train_examples, eval_examples, max_size):
+    """Trim the student to the tokens of its training (and validation) examples; map the examples.
+
+    The examples keep their positions (the trimmed tokenizer reproduces the original tokenization
+    on this corpus), so cached teacher rows stay aligned. An example with a dropped token (only
+    possible with ``max_size``) is a :class:`DataError` naming it.
+    """
+    from kdistill.models.vocab import plan_vocabulary, trim_model, trim_tokenizer
+
+    corpus = [ex["input_ids"] for ex in train_examples + (eval_examples or [])]
+    plan = plan_vocabulary(tokenizer, corpus, max_size=max_size)
+    table = plan.old_to_new.tolist()
+
+    def mapped(examples, what):
+        out = []
+        for ex in examples:
+            ids = [table[i] for i in ex["input_ids"]]
+            if -1 in ids:
+                raise DataError(f"the trimmed vocabulary (max_size {max_size}) cannot encode {what} example "
+                                f"{ex['example_id']}: token id {ex['input_ids'][ids.index(-1)]} was dropped")
+            new = {**ex, "input_ids": ids}
+            if "labels" in ex:
+                new["labels"] = [table[i] if i >= 0 else i for i in ex["labels"]]
+            out.append(new)
+        return out
+
+    train = mapped(train_examples, "training")
+    evaluation = mapped(eval_examples, "validation") if eval_examples else eval_examples
+    log.info("vocabulary trimmed from %d to %d tokens", plan.old_size, plan.new_size)
+    return plan, trim_model(student, plan), trim_tokenizer(tokenizer, plan), train, evaluation
+
+
+def run_cache(recipe: Recipe, progress=None) -> dict:
+    """``kdistill cache``: run the recipe's teacher once over its training examples and store the
+    top-k signal in ``recipe.cache_dir`` (resumable; see :mod:`kdistill.signals.cache`)."""
+    from kdistill.signals.cache import write_cache
+
+    if recipe.task != "causal" or not recipe.teachers:
+        raise ConfigError("kdistill cache needs task: causal and a teacher")
+    if len(recipe.teachers) > 1:
+        raise ConfigError("kdistill cache stores one teacher's signal; the recipe names several")
+    _quiet_transformers()
+    rows, _, labels = _split_rows(recipe)
+    tokenizer = load_tokenizer(recipe.teachers[0].model, trust_remote_code=recipe.trust_remote_code)
+    examples = _format(recipe, labels).encode(rows, tokenizer, source_name=recipe.data.train.source)
+    teacher = load_model(recipe.teachers[0].model, "causal", trust_remote_code=recipe.trust_remote_code)
+    signal = recipe.signal
+    manifest = write_cache(recipe.cache_dir, teacher, tokenizer, examples, k=signal.k,
+                           temperature=signal.temperature, batch_size=signal.batch_size,
+                           shard_size=signal.shard_size, sampled=signal.sampled, progress=progress,
+                           teacher_name=recipe.teachers[0].model, seed=recipe.training.seed)
+    return {"cache_dir": str(recipe.cache_dir), "examples": manifest.n_examples, "tokens": manifest.n_tokens,
+            "bytes_per_token": manifest.bytes_per_token, "k": manifest.k}
 
 
 def check_run_dir(recipe: Recipe, *, resume: bool, force: bool) -> None:
@@ -151,7 +237,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, force: bool = False, pr
     _quiet_transformers()
     acc = accelerator or make_accelerator(recipe.training.bf16)
     check_run_dir(recipe, resume=resume, force=force)
-    job, tokenizer, sizes = build_job(recipe)  # data and models load before anything is written
+    job, tokenizer, sizes, extras = build_job(recipe)  # data and models load before anything is written
     run_dir = save_recipe(recipe) if acc.is_main_process else recipe.run_dir
     acc.wait_for_everyone()
     result: TrainResult = train(job, resume=resume, accelerator=acc, progress=progress)
@@ -159,6 +245,11 @@ def run_distill(recipe: Recipe, *, resume: bool = False, force: bool = False, pr
                "processes": acc.num_processes}
     if acc.is_main_process:
         tokenizer.save_pretrained(run_dir / "student")
+        plan = extras.get("vocab_plan")
+        if plan is not None:  # how the student's ids map to the teacher's (for evaluation against it)
+            (run_dir / "student" / "kdistill_vocab.json").write_text(json.dumps(
+                {"teacher_vocab_size": plan.old_size, "new_to_old": plan.new_to_old.tolist()}))
+            summary["vocabulary"] = {"teacher": plan.old_size, "student": plan.new_size}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.wait_for_everyone()
     return summary

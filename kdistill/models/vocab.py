@@ -21,7 +21,7 @@ import difflib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +95,13 @@ class VocabPlan:
 
 def plan_vocabulary(
     tokenizer: PreTrainedTokenizerFast,
-    texts: Iterable[str],
+    texts: Iterable[str | Sequence[int]],
     *,
     max_size: int | None = None,
     keep_special: bool = True,
 ) -> VocabPlan:
-    """Choose the ids to keep for ``texts`` (tokenized with the original ``tokenizer``).
+    """Choose the ids to keep for ``texts`` (tokenized with the original ``tokenizer``; items that
+    are lists of token ids are taken as already tokenized).
 
     Kept: special tokens (``keep_special``: every added token; otherwise only the named special
     tokens and added tokens the chat template mentions), byte-fallback tokens, the unknown token,
@@ -305,10 +306,16 @@ def _processor_ids(processor: dict | None) -> Iterator[int]:
                 yield int(processor[key][1])
 
 
-def _encode(tokenizer, texts: Iterable[str]) -> Iterator[list[int]]:
-    """Token ids of each text (special tokens added, no truncation or padding), in batches."""
+def _encode(tokenizer, texts: Iterable[str | Sequence[int]]) -> Iterator[list[int]]:
+    """Token ids of each text (special tokens added, no truncation or padding), in batches.
+
+    An item that is already a sequence of token ids (e.g. a tokenized training example) is used as is.
+    """
     batch: list[str] = []
     for n, text in enumerate(texts):
+        if isinstance(text, (list, tuple)) and all(isinstance(i, int) for i in text):
+            yield list(text)
+            continue
         if not isinstance(text, str):
             raise DataError(f"corpus text {n} is a {type(text).__name__}, not a string")
         batch.append(text)

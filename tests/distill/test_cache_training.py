@@ -1,0 +1,85 @@
+"""Causal-LM KD from a teacher-signal cache, with a vocabulary-trimmed student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_engine import _recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdistill.cli import main
+from kdistill.distill.pipeline import run_cache, run_distill
+from kdistill.errors import ConfigError, DataError
+from kdistill.recipe import parse_recipe
+
+
+def _cached_recipe(tmp_path, assets, name="cached", k=8, extra_student="", training="") -> str:
+    text = _recipe(tmp_path, assets, "causal", name=name, objective="  - {kind: forward_kl}\n  - {kind: ce, weight: 0.1}\n",
+                   student="  init_from_teacher: {strategy: first, num_layers: 2" + extra_student + "}\n",
+                   max_steps=10, training="  logging_steps: 1\n" + training)
+    return text + f"signal: {{source: cache, k: {k}, shard_size: 32}}\n"
+
+
+def test_cache_then_distill_a_trimmed_student(tmp_path, tiny_assets, capsys) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(_cached_recipe(tmp_path, tiny_assets, extra_student=", vocab: {keep: corpus}"))
+    assert main(["cache", str(path)]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "cached" / "cache" / "manifest.json").read_text())
+    assert manifest["k"] == 8 and manifest["n_examples"] == 96 and len(manifest["shards"]) == 3
+    assert main(["distill", str(path), "--no-progress"]) == 0, capsys.readouterr().err
+    student_dir = tmp_path / "cached" / "student"
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_assets["gpt2"])
+    vocab = json.loads((student_dir / "kdistill_vocab.json").read_text())
+    assert len(tokenizer) < len(teacher_tok) and model.config.vocab_size == len(vocab["new_to_old"])
+    text = json.loads(tiny_assets["train"].read_text().splitlines()[0])["text"]  # a training sentence
+    mapped = [vocab["new_to_old"][i] for i in tokenizer(text)["input_ids"]]
+    assert mapped == teacher_tok(text)["input_ids"]  # same tokenization, in the teacher's ids
+    records = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["forward_kl"] for r in records if "forward_kl" in r]
+    assert kl[-1] < kl[0]
+
+
+def test_cache_with_k_equal_v_trains_like_the_live_teacher(tmp_path, tiny_assets) -> None:
+    """A top-V cache holds the whole distribution: the first step's loss matches the live teacher's."""
+    vocab = len(AutoTokenizer.from_pretrained(tiny_assets["gpt2"]))
+    cached = parse_recipe(_cached_recipe(tmp_path, tiny_assets, k=vocab))
+    run_cache(cached)
+    run_distill(cached, progress=False)
+    live = parse_recipe(_cached_recipe(tmp_path, tiny_assets, name="live").replace(
+        "signal: {source: cache, k: 8, shard_size: 32}\n", ""))
+    run_distill(live, progress=False)
+    first = [json.loads(open(tmp_path / n / "metrics.jsonl").readline()) for n in ("cached", "live")]
+    assert first[0]["forward_kl"] == pytest.approx(first[1]["forward_kl"], rel=2e-2)
+    assert first[0]["ce"] == pytest.approx(first[1]["ce"], rel=1e-5)
+
+
+def test_cache_from_another_teacher_or_corrupt_shard_is_refused(tmp_path, tiny_assets) -> None:
+    recipe = parse_recipe(_cached_recipe(tmp_path, tiny_assets))
+    run_cache(recipe)
+    other = tmp_path / "other-teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["gpt2"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_assets["gpt2"]).save_pretrained(other)
+    moved = parse_recipe(_cached_recipe(tmp_path, tiny_assets).replace(f"teacher: {tiny_assets['gpt2']}",
+                                                                        f"teacher: {other}"))
+    with pytest.raises(ConfigError, match="teacher_sha256"):
+        run_distill(moved, progress=False)
+    shard = tmp_path / "cached" / "cache" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="shard-00001"):
+        run_distill(recipe, progress=False)
+
+
+def test_trimmed_vocabulary_that_cannot_encode_an_example(tmp_path, tiny_assets) -> None:
+    recipe = parse_recipe(_cached_recipe(tmp_path, tiny_assets, extra_student=", vocab: {keep: corpus, max_size: 12}")
+                          .replace("signal: {source: cache, k: 8, shard_size: 32}\n", ""))
+    with pytest.raises(DataError, match="cannot encode training example"):
+        run_distill(recipe, progress=False)
