@@ -154,6 +154,48 @@ def _cmd_cache(args: argparse.Namespace) -> None:
           f"{info['bytes_per_token']} bytes/token) in {info['cache_dir']}")
 
 
+def _print_outcome(console, outcome: dict, run_dir) -> None:
+    metrics = outcome.get("metrics") or {}
+    headline = metrics.get("headline")
+    if isinstance(headline, dict):
+        headline = headline.get("text")
+    stages = ", ".join(f"{k} {v if v == 'skipped' else f'{v:.0f} s'}" for k, v in outcome["stages"].items())
+    console.print(f"stages: {stages}")
+    if headline:
+        console.print(f"[bold]{headline}[/bold]")
+    report = run_dir / "report" / "report.html"
+    if report.exists():
+        console.print(f"report: {report} (and report.md, metrics.json beside it)")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from kdistill.recipe import load_recipe
+    from kdistill.stages import run_stages
+
+    console = Console()
+    recipe = load_recipe(args.recipe, args.overrides)
+    outcome = run_stages(recipe, from_stage=args.from_stage, only=args.only, force=args.force,
+                         report=lambda line: console.print(f"[dim]{line}[/dim]"))
+    _print_outcome(console, outcome, recipe.run_dir)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from kdistill.demo.recipes import demo_recipe
+    from kdistill.stages import run_stages
+
+    console = Console()
+    recipe = demo_recipe(tiny=args.tiny, output_dir=args.output_dir,
+                         report=lambda line: console.print(f"[dim]{line}[/dim]"))
+    console.print(f"kdistill demo{' --tiny' if args.tiny else ''}: {recipe.run_dir}")
+    outcome = run_stages(recipe, force=args.force, report=lambda line: console.print(f"[dim]{line}[/dim]"),
+                         evaluate_options={"repeats": 3} if not args.tiny else {"repeats": 2, "max_generate": 4})
+    _print_outcome(console, outcome, recipe.run_dir)
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -192,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
     distill.set_defaults(func=_cmd_distill)
 
+    run = commands.add_parser("run", help="run a recipe's stages in order (generate/augment, cache, distill, evaluate)")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.add_argument("--from", dest="from_stage", help="rerun from this stage on")
+    run.add_argument("--only", help="run only this stage")
+    run.add_argument("--force", action="store_true", help="start over a run directory of another recipe")
+    run.set_defaults(func=_cmd_run)
+
+    demo = commands.add_parser("demo", help="the offline demo: Gemma 3 270M teacher, a few minutes on a laptop")
+    demo.add_argument("--tiny", action="store_true", help="tiny random models, under a minute (for CI)")
+    demo.add_argument("--output-dir", help="run directory (default runs/demo or runs/demo-tiny)")
+    demo.add_argument("--force", action="store_true", help="start over a run directory of another recipe")
+    demo.set_defaults(func=_cmd_demo)
+
     cache = commands.add_parser("cache", help="run the teacher once and store its top-k signal for training")
     cache.add_argument("recipe", help="recipe YAML file (task: causal)")
     cache.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -209,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     self_instruct.set_defaults(func=_cmd_self_instruct)
 
     from kdistill.blackbox.serve import register_cli
+    from kdistill.eval.evaluate import register_cli as register_evaluate
 
     register_cli(commands)
+    register_evaluate(commands)
 
     sft = commands.add_parser("sft", help="instruction fine-tuning (Alpaca/chat template, loss on responses only)")
     sft.add_argument("recipe", help="recipe YAML file (task: causal, data.format: instruction)")

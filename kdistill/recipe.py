@@ -149,9 +149,10 @@ class TextTeacherSpec(_Strict):
     so a rerun costs nothing.
     """
 
-    backend: Literal["local", "openai"] = "local"
-    model: str
+    backend: Literal["local", "openai", "replay"] = "local"
+    model: str  # for replay: the recorded teacher's name, e.g. local:gemma-3-270m
     base_url: str | None = None
+    replay_file: str | None = None  # backend replay: answers only from this recording (no teacher runs)
     api_key_env: str = "OPENAI_API_KEY"
     chat: bool = False
     batch_size: int = Field(8, ge=1)
@@ -164,6 +165,8 @@ class TextTeacherSpec(_Strict):
     def _url(self) -> TextTeacherSpec:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("an openai backend needs base_url (e.g. https://api.openai.com/v1)")
+        if self.backend == "replay" and not self.replay_file:
+            raise ValueError("a replay backend needs replay_file (a recording of teacher calls)")
         return self
 
 

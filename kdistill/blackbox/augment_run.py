@@ -40,6 +40,10 @@ def teacher_licence(spec: TextTeacherSpec) -> str:
 
 def make_text_teacher(spec: TextTeacherSpec, replay_path: Path | None) -> TextTeacher:
     """The teacher a recipe names, wrapped in record/replay when ``replay_path`` is given."""
+    if spec.backend == "replay":
+        from kdistill.blackbox.replay import ReplayTeacher
+
+        return ReplayTeacher(None, spec.replay_file, "replay", name=spec.model)
     if spec.backend == "local":
         from kdistill.blackbox.backends import LocalTeacher
 

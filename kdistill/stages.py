@@ -1,0 +1,129 @@
+"""``kdistill run RECIPE``: a recipe's stages in order, skipping finished ones, resuming interrupted ones.
+
+Stages: ``generate`` (Self-Instruct, when the recipe has ``generate:``), ``augment`` (GPT3Mix, when it
+has ``augment:``), ``cache`` (when ``signal.source`` is ``cache``), ``distill``, ``evaluate``. A stage
+is finished when its outputs say so: the data card's status is ``complete``, the cache manifest
+lists every example, ``summary.json`` is there, ``report/metrics.json`` is there. An unfinished stage
+is rerun and resumes from what it wrote (generation and caching continue their files; training
+continues from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kdistill.errors import ConfigError
+from kdistill.recipe import Recipe
+
+log = logging.getLogger(__name__)
+STAGES = ("generate", "augment", "cache", "distill", "evaluate")
+
+
+def recipe_stages(recipe: Recipe) -> list[str]:
+    """The stages this recipe has, in order."""
+    stages = []
+    if recipe.generate is not None:
+        stages.append("generate")
+    if recipe.augment is not None:
+        stages.append("augment")
+    if recipe.signal.source == "cache":
+        stages.append("cache")
+    stages += ["distill", "evaluate"]
+    return stages
+
+
+def _card_complete(data_dir: Path) -> bool:
+    card = data_dir / "data_card.json"
+    return card.is_file() and json.loads(card.read_text()).get("status") == "complete"
+
+
+def is_finished(recipe: Recipe, stage: str) -> bool:
+    """Whether ``stage``'s outputs in the run directory are complete."""
+    run_dir = recipe.run_dir
+    if stage in ("generate", "augment"):
+        return _card_complete(run_dir / "data")
+    if stage == "cache":
+        manifest = recipe.cache_dir / "manifest.json"
+        if not manifest.is_file():
+            return False
+        data = json.loads(manifest.read_text())
+        return sum(s.get("n_examples", 0) for s in data.get("shards", [])) >= data.get("n_examples", 1)
+    if stage == "distill":
+        return (run_dir / "summary.json").is_file() and (run_dir / "student" / "config.json").is_file()
+    return (run_dir / "report" / "metrics.json").is_file()
+
+
+def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None, force: bool = False,
+               report: Callable[[str], None] = log.info, evaluate_options: dict | None = None) -> dict:
+    """Run the recipe's stages; return {stage: "skipped" | seconds} and the evaluation metrics.
+
+    A run directory that holds another recipe is refused unless ``force`` (then it is started over).
+    """
+    from kdistill.distill.pipeline import save_recipe
+    from kdistill.recipe import dump_recipe
+
+    saved = recipe.run_dir / "recipe.yaml"
+    if saved.is_file() and saved.read_text() != dump_recipe(recipe):
+        if not force:
+            raise ConfigError(f"{recipe.run_dir} holds a run of a different recipe ({saved}); use another "
+                              "output_dir, or --force to start it over")
+        backup = recipe.run_dir.with_name(f"{recipe.run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        recipe.run_dir.rename(backup)  # --force starts over, but never destroys the other run
+        report(f"{recipe.run_dir} held another recipe's run: moved to {backup}")
+    save_recipe(recipe)
+    stages = recipe_stages(recipe)
+    for name, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in stages:
+            raise ConfigError(f"{name} {value!r}: this recipe's stages are {', '.join(stages)}")
+    if only is not None:
+        selected = [only]
+    elif from_stage is not None:
+        selected = stages[stages.index(from_stage):]
+    else:
+        selected = stages
+    forced = set(selected) if (only or from_stage) else set()
+    done: dict = {}
+    metrics: dict = {}
+    for stage in selected:
+        if stage not in forced and is_finished(recipe, stage):
+            report(f"{stage}: finished earlier, skipped")
+            done[stage] = "skipped"
+            continue
+        report(f"{stage}: running")
+        start = time.perf_counter()
+        metrics = _run_stage(recipe, stage, forced=stage in forced, evaluate_options=evaluate_options or {}) or metrics
+        done[stage] = round(time.perf_counter() - start, 1)
+        report(f"{stage}: done in {done[stage]:.0f} s")
+    if not metrics and is_finished(recipe, "evaluate"):
+        metrics = json.loads((recipe.run_dir / "report" / "metrics.json").read_text())
+    return {"stages": done, "metrics": metrics}
+
+
+def _run_stage(recipe: Recipe, stage: str, *, forced: bool, evaluate_options: dict) -> dict | None:
+    if stage == "generate":
+        from kdistill.blackbox.generate_run import run_generate
+
+        run_generate(recipe)
+    elif stage == "augment":
+        from kdistill.blackbox.augment_run import run_augment
+
+        run_augment(recipe)
+    elif stage == "cache":
+        from kdistill.distill.pipeline import run_cache
+
+        run_cache(recipe)
+    elif stage == "distill":
+        from kdistill.distill.checkpoint import checkpoint_dirs
+        from kdistill.distill.pipeline import run_distill
+
+        resume = not forced and bool(checkpoint_dirs(recipe.run_dir / "checkpoints"))
+        run_distill(recipe, resume=resume, force=not resume)  # the run directory was checked in run_stages
+    else:
+        from kdistill.eval.evaluate import evaluate_run
+
+        return evaluate_run(recipe.run_dir, force=True, **evaluate_options)
+    return None

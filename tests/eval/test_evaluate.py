@@ -1,0 +1,165 @@
+"""``evaluate_run`` / ``evaluate_pair`` / ``kdistill evaluate`` on tiny runs of ``run_distill``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from kdistill.distill.pipeline import run_distill
+from kdistill.errors import ConfigError
+from kdistill.eval.evaluate import DataColumns, evaluate_pair, evaluate_run, register_cli
+from kdistill.recipe import parse_recipe
+
+FAST = {"batch_size": 8, "repeats": 1, "warmup": 0, "new_tokens": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP threads that wait for each other make a
+    tiny model's forward 10-100× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(tmp_path: Path, assets: dict, task: str, name: str) -> Path:
+    teacher = {"classification": assets["bert-cls"], "causal": assets["gpt2"]}[task]
+    text = f"""
+name: {name}
+task: {task}
+output_dir: {tmp_path / name}
+teacher: {teacher}
+student:
+  init_from_teacher: {{strategy: uniform, num_layers: 2}}
+data:
+  train: {{source: {assets['train']}}}
+  validation: {{source: {assets['dev']}}}
+  max_length: 16
+objective:
+  - {{kind: forward_kl, temperature: 2.0}}
+  - {{kind: ce}}
+training:
+  per_device_train_batch_size: 16
+  learning_rate: 2.0e-3
+  max_steps: 4
+  eval_steps: 2
+  logging_steps: 1
+  seed: 7
+"""
+    run_distill(parse_recipe(text), progress=False)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_assets) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval-runs")
+    return {task: _run(root, tiny_assets, task, f"{task}-run") for task in ("classification", "causal")}
+
+
+def _no_external_urls(html: str) -> None:
+    assert 'src="http' not in html and "href=\"http" not in html
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", html)
+
+
+def test_evaluate_run_classification_writes_the_report(runs) -> None:
+    metrics = evaluate_run(runs["classification"], **FAST)
+    report = runs["classification"] / "report"
+    assert {"metrics.json", "report.md", "report.html", "training_curves.png", "quality_vs_size.png",
+            "quality_vs_speed.png", "reliability.png"} <= {p.name for p in report.iterdir()}
+    saved = json.loads((report / "metrics.json").read_text())
+    teacher, student = saved["models"]["teacher"], saved["models"]["student"]
+    assert saved["run"].startswith("classification-run@") and saved["data"]["examples"] == 32
+    assert student["size"]["parameters"]["total"] < teacher["size"]["parameters"]["total"]
+    assert student["size"]["file_bytes"] > 0 and teacher["size"]["fp32_bytes"] == 4 * teacher["size"]["parameters"]["total"]
+    for m in (teacher, student):
+        assert 0 <= m["quality"]["accuracy"] <= 1 and 0 <= m["quality"]["ece"] <= 1
+        assert len(m["quality"]["reliability"]) == 15
+        assert m["speed"]["latency_ms"] > 0 and m["speed"]["examples_per_s"] > 0
+    assert 0 <= student["vs_teacher"]["agreement"] <= 1 and student["vs_teacher"]["kl"] >= 0
+    assert saved["training"]["steps"] == 4
+    text = saved["headline"]["text"]
+    assert re.fullmatch(r"\d+% fewer parameters, [\d.]+× (faster|slower), [\d.]+% of the teacher's accuracy", text)
+    assert metrics["headline"]["text"] == text and metrics["report"]["html"].endswith("report.html")
+    html = (report / "report.html").read_text()
+    _no_external_urls(html)
+    assert html.count("data:image/png;base64,") == 4 and text.replace("'", "&#x27;") in html
+
+
+def test_evaluate_run_causal_writes_the_report(runs) -> None:
+    evaluate_run(runs["causal"], **FAST)
+    report = runs["causal"] / "report"
+    saved = json.loads((report / "metrics.json").read_text())
+    student = saved["models"]["student"]
+    assert student["quality"]["perplexity"] > 1 and saved["models"]["teacher"]["quality"]["perplexity"] > 1
+    assert student["vs_teacher"]["tokens"] > 0 and 0 <= student["vs_teacher"]["agreement"] <= 1
+    speed = student["speed"]
+    assert speed["kind"] == "causal" and speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    assert speed["prompt_tokens"] == 16 and speed["throughput_unit"] == "decode tokens/s"
+    assert "perplexity" in saved["headline"]["text"] and "× the teacher's" in saved["headline"]["text"]
+    assert {"training_curves.png", "quality_vs_size.png", "quality_vs_speed.png"} <= {p.name for p in report.iterdir()}
+    assert "reliability.png" not in {p.name for p in report.iterdir()}
+    _no_external_urls((report / "report.html").read_text())
+
+
+def test_cli_prints_the_table_headline_and_report_location(runs, capsys, tmp_path) -> None:
+    parser = argparse.ArgumentParser(prog="kdistill")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", str(runs["classification"]), "--no-speed", "--out", str(tmp_path)])
+    args.func(args)
+    out = capsys.readouterr().out
+    assert "parameters" in out and "accuracy" in out and "agreement vs teacher" in out
+    assert "fewer parameters" in out and "of the teacher's accuracy" in out
+    assert f"report: {tmp_path / 'report' / 'report.html'}" in out
+    with pytest.raises(ConfigError, match="missing --student, --task"):
+        args = parser.parse_args(["evaluate", "--teacher", "x", "--data", "y"])
+        args.func(args)
+
+
+def test_cli_pair_mode(tiny_assets, runs, capsys, tmp_path) -> None:
+    parser = argparse.ArgumentParser(prog="kdistill")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", "--teacher", str(tiny_assets["gpt2"]), "--student",
+                              str(runs["causal"] / "student"), "--task", "causal", "--data", str(tiny_assets["dev"]),
+                              "--max-length", "16", "--no-speed", "--out", str(tmp_path)])
+    args.func(args)
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "× the teacher's" in out
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["run"].startswith("pair:") and "speed" not in saved["models"]["student"]
+
+
+def test_non_comparable_teacher_and_student_are_refused(tiny_assets, tmp_path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_assets["bert-cls"])
+    three = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16, num_labels=3))
+    three.save_pretrained(tmp_path / "three")
+    tok.save_pretrained(tmp_path / "three")
+    rows = [json.loads(line) for line in tiny_assets["dev"].read_text().splitlines()]
+    with pytest.raises(ConfigError, match="not comparable on accuracy: the teacher has 2 labels, the student 3"):
+        evaluate_pair(str(tiny_assets["bert-cls"]), str(tmp_path / "three"), "classification", rows, speed=False)
+
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    other.save_pretrained(tmp_path / "other-vocab")
+    tok.save_pretrained(tmp_path / "other-vocab")  # a BERT vocabulary: not the teacher's
+    with pytest.raises(ConfigError, match="not comparable on perplexity, KL and agreement: their tokenizers differ"):
+        evaluate_pair(str(tiny_assets["gpt2"]), str(tmp_path / "other-vocab"), "causal", rows, speed=False)
+
+
+def test_instruction_data_scores_greedy_generations_with_rouge_l(tiny_assets) -> None:
+    rows = [{"instruction": "is the movie good", "input": "", "output": "the movie was good"},
+            {"instruction": "was the film dull", "input": "the plot", "output": "the film was very dull"}]
+    cols = DataColumns(format="instruction", max_length=64)
+    metrics = evaluate_pair(str(tiny_assets["gpt2"]), str(tiny_assets["gpt2"]), "causal", rows, columns=cols,
+                            max_new_tokens=4, speed=False)
+    teacher, student = metrics["models"]["teacher"]["quality"], metrics["models"]["student"]["quality"]
+    assert teacher["rouge_l_examples"] == 2 and 0 <= teacher["rouge_l"] <= 1
+    assert student["rouge_l"] == teacher["rouge_l"] and student["samples"] == teacher["samples"]
+    assert metrics["primary_metric"]["name"] == "rouge_l"
+    assert metrics["models"]["student"]["vs_teacher"]["agreement"] == 1.0
