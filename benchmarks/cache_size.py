@@ -1,0 +1,210 @@
+"""Benchmark: teacher-signal cache — write time vs the teacher forward, bytes per token, decode error.
+
+Teacher: a random-weight Llama-like model with Gemma 3's vocabulary (V = 262,144, hidden 256,
+2 layers: small enough for a CPU) over ``--tokens`` tokens. Measures
+
+- the teacher forward alone (``model(**batch).logits``, batches of ``--batch-size``) vs
+  ``write_cache`` in total (hashing the weights, the forward, the head on valid rows, top-k,
+  encoding, writing and sha256 of the shards), and the read-back (``TeacherCache.targets``) speed;
+- bytes per token on disk (shards only; the manifest is a few kB);
+- the encoding's error: max |log p̂ − log p| (top-1, entries with p ≥ 0.01, all k) and
+  KL(p‖p̂) over top-k + tail bucket, on the model's own targets and on synthetic teacher
+  distributions with a heavy head (fp64 reference).
+
+    python benchmarks/cache_size.py                  # 4,096 tokens, k = 64, CPU
+    python benchmarks/cache_size.py --tokens 1024 --error-tokens 256
+    python benchmarks/cache_size.py --device cuda --dtype bfloat16 --hidden 640 --layers 18 --tokens 65536
+
+Prints a table and writes JSON (``--out``, default ``benchmarks/results/cache_size.json``).
+
+Measured (V = 262,144, k = 64, batches of 8; "write" excludes hashing the weights, a one-off
+≈ 0.3 s on the CPU model, 0.4–1.2 s on the GPU ones):
+
+| teacher | device | tokens | forward | write_cache | write / forward |
+|---|---|---|---|---|---|
+| hidden 256, 2 layers, fp32 | 2 shared CPU cores | 4,096 | 13.0 s | 15.7 s | 1.21 (1.29 in another run) |
+| hidden 256, 2 layers, bf16 | H200 | 262,144 | 0.24 s | 1.85 s | 7.6 |
+| hidden 640, 18 layers, bf16 (Gemma 3 270M-sized) | H200 | 262,144 | 1.45 s | 2.29 s | 1.58 |
+
+On the GPU the extra time is the fp32 softmax and top-k over V per token, the encoding and the
+transfer of 200 B per token, which the two-layer toy's forward cannot hide; bigger teachers hide
+more of it. Records take 200 B per token, 201–202 B on disk with the per-example index. Reading
+(``TeacherCache.targets``) decoded ≈ 250,000 tokens/s on the GPU machine's CPU; on a loaded
+2-core machine each small parallel op waits for a scheduler tick and it drops to ≈ 2,500.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kdistill.signals.cache import hash_model, open_cache, write_cache
+from kdistill.signals.encoding import ENCODING, bytes_per_token, decode_topk, encode_topk
+
+
+def _errors(vals: torch.Tensor, log_tail: torch.Tensor, got: torch.Tensor) -> dict:
+    """Error of decoded log-probs ``got`` against the fp64 truth ``vals`` (N, k) and ``log_tail`` (N,)."""
+    vals, got, log_tail = vals.double(), got.double(), log_tail.double()
+    err = (got - vals).abs()
+    p = vals.exp()
+    got_tail = torch.log(-torch.expm1(got.logsumexp(-1).clamp(max=0)))
+    kl = (p * (vals - got)).sum(-1) + log_tail.exp() * (log_tail - got_tail)
+    return {
+        "max_abs_err_top1": err[:, 0].max().item(),
+        "max_abs_err_p_ge_0.01": err[p >= 0.01].max().item() if (p >= 0.01).any() else 0.0,
+        "max_abs_err_all_k": err.max().item(),
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "topk_mass_mean": p.sum(-1).mean().item(),
+        "tokens": vals.shape[0],
+    }
+
+
+def _synthetic(kind: str, n: int, vocab: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Top-k (ids, log p, log tail) of softmax(logits) for ``n`` tokens, fp64.
+
+    flat: σ·N(0, 1) logits, σ ~ U(1, 4); peaked: + U(2, 16) on one token; very_peaked: + U(20, 30)
+    (p_1 > 0.99); zipf: + a 10-token head of decreasing boosts ~6–10 nats.
+    """
+    ids_out, vals_out, tails = [], [], []
+    for start in range(0, n, 64):
+        m = min(64, n - start)
+        sigma = 1 + 3 * torch.rand(m, 1, generator=g, dtype=torch.float64)
+        z = sigma * torch.randn(m, vocab, generator=g, dtype=torch.float64)
+        if kind == "peaked":
+            z[:, 0] += 2 + 14 * torch.rand(m, generator=g, dtype=torch.float64)
+        elif kind == "very_peaked":
+            z[:, 0] += 20 + 10 * torch.rand(m, generator=g, dtype=torch.float64)
+        elif kind == "zipf":
+            head = torch.randint(0, vocab, (m, 10), generator=g)
+            boost = (6 + 4 * torch.rand(m, 10, generator=g, dtype=torch.float64)) * torch.linspace(1, 0.2, 10, dtype=torch.float64)
+            z.scatter_add_(1, head, boost)
+        logp = z.log_softmax(-1)
+        vals, ids = logp.topk(k, -1)
+        tails.append(logp.scatter_(-1, ids, -math.inf).logsumexp(-1))
+        ids_out.append(ids)
+        vals_out.append(vals)
+    return torch.cat(ids_out), torch.cat(vals_out), torch.cat(tails)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=262_144)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--error-tokens", type=int, default=1024, help="synthetic tokens per distribution kind (0: skip)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cache_size.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=max(512, args.seq_len), initializer_range=0.1,
+                         tie_word_embeddings=False)
+    device = torch.device(args.device)
+    with device:  # initialise on the device (fast on a GPU)
+        model = LlamaForCausalLM(config).eval().to(getattr(torch, args.dtype))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_examples = max(1, args.tokens // args.seq_len)
+    examples = [{"example_id": i, "input_ids": torch.randint(0, args.vocab, (args.seq_len,)).tolist()}
+                for i in range(n_examples)]
+    tokens = n_examples * args.seq_len
+    batches = [torch.tensor([ex["input_ids"] for ex in examples[i : i + args.batch_size]], device=device)
+               for i in range(0, n_examples, args.batch_size)]
+
+    with torch.no_grad():  # warm-up (allocator, kernels)
+        model(input_ids=batches[0])
+        sync()
+        start = time.perf_counter()
+        for batch in batches:
+            _ = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+        sync()
+        forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    hash_model(model)
+    hash_s = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = Path(tmp) / "cache"
+        sync()
+        start = time.perf_counter()
+        manifest = write_cache(cache_dir, model, None, examples, k=args.k, batch_size=args.batch_size,
+                               shard_size=max(1, n_examples // 4))
+        sync()
+        write_s = time.perf_counter() - start
+        disk = sum(f.stat().st_size for f in cache_dir.glob("shard-*.safetensors"))
+        cache = open_cache(cache_dir)
+        ids = torch.tensor([ex["example_id"] for ex in examples])
+        cache.targets(ids[:1], args.seq_len)  # warm-up: first-call kernel set-up
+        start = time.perf_counter()
+        for i in range(0, n_examples, args.batch_size):
+            targets = cache.targets(ids[i : i + args.batch_size], args.seq_len)
+        read_s = time.perf_counter() - start
+        # The model's own targets against its fp64 log-softmax (first two examples).
+        first = cache.targets(ids[:2], args.seq_len)
+        with torch.no_grad():
+            logp = model(input_ids=batches[0][:2]).logits.double().log_softmax(-1).flatten(0, 1)
+        vals, true_ids = logp.topk(args.k, -1)
+        tail = logp.scatter_(-1, true_ids, -math.inf).logsumexp(-1)
+        vals, true_ids, tail = vals.cpu(), true_ids.cpu(), tail.cpu()
+        got_ids, got = first.ids.flatten(0, 1), first.logprobs.flatten(0, 1)
+        model_err = _errors(vals, tail, got)
+        model_err["ids_equal_fraction"] = (got_ids == true_ids).float().mean().item()
+        del logp, targets
+
+    g = torch.Generator().manual_seed(0)
+    synthetic = {}
+    for kind in ("flat", "peaked", "very_peaked", "zipf") if args.error_tokens else ():
+        s_ids, s_vals, s_tail = _synthetic(kind, args.error_tokens, args.vocab, args.k, g)
+        d_ids, d_vals = decode_topk(encode_topk(s_ids, s_vals.float(), args.vocab, log_tail=s_tail), args.k, args.vocab)
+        assert torch.equal(d_ids, s_ids)
+        synthetic[kind] = _errors(s_vals, s_tail, d_vals)
+
+    result = {
+        "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
+        "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "tokens": tokens, "batch_size": args.batch_size, "seq_len": args.seq_len, "k": args.k,
+        "encoding": ENCODING, "bytes_per_token_record": bytes_per_token(args.k, args.vocab),
+        "bytes_per_token_on_disk": disk / tokens, "disk_bytes": disk, "shards": len(manifest.shards),
+        "teacher_forward_s": forward_s, "write_cache_s": write_s, "hash_model_s": hash_s,
+        "write_over_forward": write_s / forward_s,
+        "write_without_hash_over_forward": (write_s - hash_s) / forward_s, "read_targets_s": read_s,
+        "read_tokens_per_s": tokens / read_s,
+        "error_model_targets": model_err, "error_synthetic": synthetic,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"teacher: V={args.vocab:,} hidden={args.hidden} layers={args.layers} {args.dtype} on {result['device']}, "
+          f"{tokens:,} tokens, batch {args.batch_size}×{args.seq_len}, k={args.k}, {result['threads']} CPU threads")
+    print(f"{'teacher forward (logits)':<28}{forward_s:>9.2f} s  {tokens / forward_s:>9.0f} tok/s")
+    print(f"{'write_cache (total)':<28}{write_s:>9.2f} s  {tokens / write_s:>9.0f} tok/s  "
+          f"({write_s / forward_s:.2f}× forward; {(write_s - hash_s) / forward_s:.2f}× without hashing the "
+          f"weights, {hash_s:.2f} s)")
+    print(f"{'read targets (decode)':<28}{read_s:>9.2f} s  {tokens / read_s:>9.0f} tok/s")
+    print(f"bytes/token: record {result['bytes_per_token_record']}, on disk {result['bytes_per_token_on_disk']:.1f}")
+    print(f"\n{'distribution':<14}{'top-1 err':>11}{'p≥.01 err':>11}{'all-k err':>11}{'KL mean':>11}{'KL max':>11}{'top-k mass':>12}")
+    for name, e in [("model", model_err), *synthetic.items()]:
+        print(f"{name:<14}{e['max_abs_err_top1']:>11.2e}{e['max_abs_err_p_ge_0.01']:>11.2e}"
+              f"{e['max_abs_err_all_k']:>11.2e}{e['kl_mean']:>11.2e}{e['kl_max']:>11.2e}{e['topk_mass_mean']:>12.3f}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
