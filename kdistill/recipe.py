@@ -153,6 +153,7 @@ class TextTeacherSpec(_Strict):
     model: str  # for replay: the recorded teacher's name, e.g. local:gemma-3-270m
     base_url: str | None = None
     replay_file: str | None = None  # backend replay: answers only from this recording (no teacher runs)
+    dtype: Literal["float32", "bfloat16"] | None = None  # backend local: load precision (bf16: faster on CPU)
     api_key_env: str = "OPENAI_API_KEY"
     chat: bool = False
     batch_size: int = Field(8, ge=1)
@@ -202,6 +203,7 @@ class GenerateSpec(_Strict):
     eval_sets: list[str] = Field(default_factory=list)  # files of evaluation texts to decontaminate against
     seed: int = 0
     temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_new_tokens: int | None = Field(None, ge=1)
 
 

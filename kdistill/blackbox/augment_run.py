@@ -47,7 +47,10 @@ def make_text_teacher(spec: TextTeacherSpec, replay_path: Path | None) -> TextTe
     if spec.backend == "local":
         from kdistill.blackbox.backends import LocalTeacher
 
-        teacher: TextTeacher = LocalTeacher(spec.model, batch_size=spec.batch_size)
+        import torch
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(spec.dtype or "")
+        teacher: TextTeacher = LocalTeacher(spec.model, batch_size=spec.batch_size, dtype=dtype)
     else:
         from kdistill.blackbox.backends import OpenAITeacher
 

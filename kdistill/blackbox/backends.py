@@ -189,7 +189,9 @@ class LocalTeacher:
     temperature T (T = 1 for greedy decoding), before top-p truncation: the teacher's tempered
     distribution, not the truncated one it sampled from. A ``seed`` makes a call reproducible for the
     same prompts, parameters and ``batch_size`` (the global torch RNG is restored afterwards).
-    Calls are serialised by a lock, so one teacher can serve several threads.
+    Calls are serialised by a lock, so one teacher can serve several threads. ``dtype`` (e.g.
+    ``torch.bfloat16``) loads a model reference in that precision: about 3× faster generation on
+    CPUs with AVX512-BF16, at bf16-precision log-probabilities.
     """
 
     def __init__(
@@ -200,6 +202,7 @@ class LocalTeacher:
         device: str | torch.device = "cpu",
         *,
         name: str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
@@ -207,7 +210,7 @@ class LocalTeacher:
             from kdistill.models.resolve import load_model, load_tokenizer
 
             ref = str(model_ref_or_model)
-            model = load_model(ref, "causal")
+            model = load_model(ref, "causal", dtype=dtype)
             if tokenizer is None:
                 tokenizer = load_tokenizer(ref)
             default_name = f"local:{ref}"

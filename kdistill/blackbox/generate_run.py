@@ -23,12 +23,9 @@ def self_instruct_config(recipe: Recipe) -> SelfInstructConfig:
                                 max_instances=spec.max_instances, prompts_per_call=spec.prompts_per_call,
                                 max_prompts=spec.max_prompts, seed=spec.seed,
                                 teacher_licence=teacher_licence(spec.teacher))
-    if spec.temperature is not None or spec.max_new_tokens is not None:
-        overrides = {}
-        if spec.temperature is not None:
-            overrides["temperature"] = spec.temperature
-        if spec.max_new_tokens is not None:
-            overrides["max_tokens"] = spec.max_new_tokens
+    overrides = {key: value for key, value in (("temperature", spec.temperature), ("top_p", spec.top_p),
+                                               ("max_tokens", spec.max_new_tokens)) if value is not None}
+    if overrides:
         config = replace(config, instruction_params=replace(config.instruction_sampling(), **overrides),
                          instance_params=replace(config.instance_sampling(), **{
                              k: v for k, v in overrides.items() if k == "max_tokens"}))

@@ -34,12 +34,12 @@ def demo_recipe(tiny: bool = False, output_dir: str | None = None,
     teacher_dir = build_tiny_teacher(Path(out) / "models" / "teacher", report)
     text = text.replace("name: demo\n", "name: demo-tiny\n")
     text = text.replace("teacher: gemma-3-270m\n", f"teacher: {teacher_dir}\n")
-    text = text.replace("  teacher: {backend: local, model: gemma-3-270m, batch_size: 8}",
+    text = text.replace("  teacher: {backend: local, model: gemma-3-270m, batch_size: 8, dtype: bfloat16}",
                         f"  teacher: {{backend: replay, model: local:gemma-3-270m, replay_file: {_packaged(RECORDING)}}}")
-    text = text.replace("    num_layers: 4\n", "    num_layers: 2\n")
+    text = text.replace("    num_layers: 6\n", "    num_layers: 2\n")
     text = text.replace("signal: {source: cache, k: 64, batch_size: 4}", "signal: {source: cache, k: 16, batch_size: 4}")
-    text = text.replace("  max_steps: 30\n", "  max_steps: 8\n").replace("  eval_steps: 15\n", "  eval_steps: 4\n")
-    text = text.replace("  save_steps: 15\n", "  save_steps: 4\n")
+    text = text.replace("  max_steps: 150\n", "  max_steps: 8\n").replace("  eval_steps: 50\n", "  eval_steps: 4\n")
+    text = text.replace("  save_steps: 50\n", "  save_steps: 4\n")
     return parse_recipe(text, "demo.yaml (--tiny)")
 
 
