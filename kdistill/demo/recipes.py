@@ -10,6 +10,7 @@ runs end to end in well under a minute with no model download.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -32,10 +33,13 @@ def demo_recipe(tiny: bool = False, output_dir: str | None = None,
     if not tiny:
         return parse_recipe(text, "demo.yaml")
     teacher_dir = build_tiny_teacher(Path(out) / "models" / "teacher", report)
+    recording = Path(out) / "models" / RECORDING  # a copy: replay never writes into the installed package
+    if not recording.exists():
+        shutil.copyfile(_packaged(RECORDING), recording)
     text = text.replace("name: demo\n", "name: demo-tiny\n")
     text = text.replace("teacher: gemma-3-270m\n", f"teacher: {teacher_dir}\n")
     text = text.replace("  teacher: {backend: local, model: gemma-3-270m, batch_size: 8, dtype: bfloat16}",
-                        f"  teacher: {{backend: replay, model: local:gemma-3-270m, replay_file: {_packaged(RECORDING)}}}")
+                        f"  teacher: {{backend: replay, model: local:gemma-3-270m, replay_file: {recording}}}")
     text = text.replace("    num_layers: 6\n", "    num_layers: 2\n")
     text = text.replace("signal: {source: cache, k: 64, batch_size: 4}", "signal: {source: cache, k: 16, batch_size: 4}")
     text = text.replace("  max_steps: 150\n", "  max_steps: 8\n").replace("  eval_steps: 50\n", "  eval_steps: 4\n")

@@ -100,8 +100,12 @@ def headline(metrics: dict, student: str | None = None) -> dict:
     if q_t and q_s is not None:
         ratio = q_s / q_t
         out["quality_ratio"] = ratio
-        parts.append(f"{label} {_ratio_text(ratio)}× the teacher's" if lower
-                     else f"{100 * ratio:.1f}% of the teacher's {label}")
+        if lower:
+            parts.append(f"{label} {_ratio_text(ratio)}× the teacher's")
+        elif ratio <= 1.5:
+            parts.append(f"{100 * ratio:.1f}% of the teacher's {label}")
+        else:  # the student beats the teacher by far (e.g. a base teacher on the student's own task format)
+            parts.append(f"{label} {q_s:.3g} vs the teacher's {q_t:.3g}")
     out["text"] = ", ".join(parts) if parts else "nothing to compare"
     return out
 
