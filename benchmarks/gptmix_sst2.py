@@ -70,7 +70,7 @@ training:
   eval_steps: {args.steps}
   seed: {seed}
 augment:
-  teacher: {{backend: local, model: {args.teacher}, batch_size: 8}}
+  teacher: {{backend: local, model: {args.teacher}, batch_size: 8, dtype: bfloat16}}
   text_type: movie review
   label_type: sentiment
   verbalizers: [negative, positive]

@@ -335,42 +335,18 @@ def lm_quality(teacher: nn.Module, student: nn.Module, task: str, examples: list
 # ---------------------------------------------------------------------------- generation (instruction data)
 
 
-_TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def _rouge_l_lcs(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 = 2PR / (P + R), P = LCS/|pred|, R = LCS/|ref| on lowercase alphanumeric tokens."""
-    p, r = _TOKEN.findall(prediction.lower()), _TOKEN.findall(reference.lower())
-    lcs = _lcs(p, r) if p and r else 0
-    return 2 * lcs / (len(p) + len(r)) if lcs else 0.0
-
-
 def rouge_l_scorer() -> tuple[Callable[[str, str], float], str]:
     """``(score(prediction, reference) -> ROUGE-L F, implementation name)``: ``rouge_score`` when
-    installed, else kdistill's fast ROUGE-L (``kdistill.blackbox.filters``), else a token LCS here."""
+    installed, else kdistill's own ROUGE-L (``kdistill.blackbox.filters.rouge_l_f``, same values)."""
     try:
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         return (lambda pred, ref: scorer.score(ref, pred)["rougeL"].fmeasure), "rouge_score"
     except ImportError:
-        pass
-    try:
         from kdistill.blackbox.filters import rouge_l_f
 
         return rouge_l_f, "kdistill.blackbox.filters"
-    except ImportError:
-        return _rouge_l_lcs, "token LCS"
 
 
 @torch.no_grad()
