@@ -85,7 +85,7 @@ def test_load_recipe_missing_file(tmp_path) -> None:
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", ["recipes/distilbert.yaml", "recipes/sst2-minilm.yaml",
+@pytest.mark.parametrize("path", ["recipes/distilbert.yaml", "recipes/sst2-minilm.yaml", "recipes/gemma-kd.yaml", "recipes/demo.yaml",
                                   "recipes/sst2-minilm-teacher.yaml"])
 def test_shipped_recipes_validate(path: str) -> None:
     assert load_recipe(path).objective
