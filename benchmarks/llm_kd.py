@@ -83,7 +83,8 @@ def _run_case(case: str, args, out: Path, train: Path, held: Path, queue) -> Non
 
     torch.set_num_threads(args.threads)
     from kdistill.distill.pipeline import build_job, run_cache
-    from kdistill.distill.trainer import TrainJob, train as train_loop
+    from kdistill.distill.trainer import TrainJob
+    from kdistill.distill.trainer import train as train_loop
     from kdistill.eval.quality import lm_quality
     from kdistill.models.resolve import load_model
     from kdistill.recipe import parse_recipe

@@ -45,9 +45,9 @@ def make_text_teacher(spec: TextTeacherSpec, replay_path: Path | None) -> TextTe
 
         return ReplayTeacher(None, spec.replay_file, "replay", name=spec.model)
     if spec.backend == "local":
-        from kdistill.blackbox.backends import LocalTeacher
-
         import torch
+
+        from kdistill.blackbox.backends import LocalTeacher
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(spec.dtype or "")
         teacher: TextTeacher = LocalTeacher(spec.model, batch_size=spec.batch_size, dtype=dtype)

@@ -11,7 +11,6 @@ import pytest
 from kdistill.blackbox.filters import (
     Decontaminator,
     ExampleFilter,
-    load_eval_sets,
     FilterConfig,
     KeywordBlocklist,
     MinHashDeduplicator,
@@ -19,6 +18,7 @@ from kdistill.blackbox.filters import (
     bad_start,
     instruction_reason,
     length_ok,
+    load_eval_sets,
     lsh_bands,
     near_duplicates,
     reference_rouge_novelty,
