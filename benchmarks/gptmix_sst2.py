@@ -83,6 +83,10 @@ augment:
 """
 
 
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="3,10,35", help="real examples per class")
@@ -147,9 +151,8 @@ def main() -> None:
         seconds = sum(r["generation_seconds"] for r in rs)
         prompts = sum(r["prompts"] for r in rs)
         dropped = sum(r["dropped_unparsable"] for r in rs)
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-        row = {"per_class": size, "real_only_mean": statistics.mean(a), "real_only_std": sd(a),
-               "mix_mean": statistics.mean(b), "mix_std": sd(b), "examples_per_s": made / max(seconds, 1e-9),
+        row = {"per_class": size, "real_only_mean": statistics.mean(a), "real_only_std": _sd(a),
+               "mix_mean": statistics.mean(b), "mix_std": _sd(b), "examples_per_s": made / max(seconds, 1e-9),
                "dropped_share": dropped / max(prompts, 1)}
         table.append(row)
         print(f"{size:9d} {row['real_only_mean']:8.3f} ± {row['real_only_std']:.3f} {row['mix_mean']:8.3f} ± "
