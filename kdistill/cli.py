@@ -220,27 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--output", help="write metrics as JSON to this file")
     example.set_defaults(func=_cmd_example)
 
-    validate = commands.add_parser("validate", help="check a recipe and print it with every default")
-    validate.add_argument("recipe", help="recipe YAML file")
-    validate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    def recipe_command(name: str, func, help: str, recipe_help: str = "recipe YAML file",
+                       training: bool = False) -> argparse.ArgumentParser:
+        """A command taking a recipe and key.sub=value overrides (+ the training flags)."""
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("recipe", help=recipe_help)
+        sub.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=100")
+        if training:
+            sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+            sub.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
+            sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sub.set_defaults(func=func)
+        return sub
+
+    validate = recipe_command("validate", _cmd_validate, "check a recipe and print it with every default")
     validate.add_argument("--show", action="store_true", help="print the validated recipe")
-    validate.set_defaults(func=_cmd_validate)
+    recipe_command("distill", _cmd_distill, "train a student as a recipe says (white-box KD or fine-tuning)",
+                   training=True)
 
-    distill = commands.add_parser("distill", help="train a student as a recipe says (white-box KD or fine-tuning)")
-    distill.add_argument("recipe", help="recipe YAML file")
-    distill.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=100")
-    distill.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    distill.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
-    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
-    distill.set_defaults(func=_cmd_distill)
-
-    run = commands.add_parser("run", help="run a recipe's stages in order (generate/augment, cache, distill, evaluate)")
-    run.add_argument("recipe", help="recipe YAML file")
-    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run = recipe_command("run", _cmd_run, "run a recipe's stages in order (generate/augment, cache, distill, evaluate)")
     run.add_argument("--from", dest="from_stage", help="rerun from this stage on")
     run.add_argument("--only", help="run only this stage")
     run.add_argument("--force", action="store_true", help="start over a run directory of another recipe")
-    run.set_defaults(func=_cmd_run)
 
     demo = commands.add_parser("demo", help="the offline demo: Gemma 3 270M teacher, a few minutes on a laptop")
     demo.add_argument("--tiny", action="store_true", help="tiny random models, under a minute (for CI)")
@@ -248,21 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="start over a run directory of another recipe")
     demo.set_defaults(func=_cmd_demo)
 
-    cache = commands.add_parser("cache", help="run the teacher once and store its top-k signal for training")
-    cache.add_argument("recipe", help="recipe YAML file (task: causal)")
-    cache.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    cache.set_defaults(func=_cmd_cache)
-
-    augment = commands.add_parser("augment", help="GPT3Mix: a text teacher writes labelled examples with soft labels")
-    augment.add_argument("recipe", help="recipe YAML file with an augment: section")
-    augment.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    augment.set_defaults(func=_cmd_augment)
-
-    self_instruct = commands.add_parser("self-instruct",
-                                        help="Self-Instruct/Alpaca: a text teacher writes instruction data")
-    self_instruct.add_argument("recipe", help="recipe YAML file with a generate: section")
-    self_instruct.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    self_instruct.set_defaults(func=_cmd_self_instruct)
+    recipe_command("cache", _cmd_cache, "run the teacher once and store its top-k signal for training",
+                   "recipe YAML file (task: causal)")
+    recipe_command("augment", _cmd_augment, "GPT3Mix: a text teacher writes labelled examples with soft labels",
+                   "recipe YAML file with an augment: section")
+    recipe_command("self-instruct", _cmd_self_instruct, "Self-Instruct/Alpaca: a text teacher writes instruction data",
+                   "recipe YAML file with a generate: section")
 
     from kdistill.blackbox.serve import register_cli
     from kdistill.eval.evaluate import register_cli as register_evaluate
@@ -270,13 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_cli(commands)
     register_evaluate(commands)
 
-    sft = commands.add_parser("sft", help="instruction fine-tuning (Alpaca/chat template, loss on responses only)")
-    sft.add_argument("recipe", help="recipe YAML file (task: causal, data.format: instruction)")
-    sft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    sft.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    sft.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
-    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sft.set_defaults(func=_cmd_sft)
+    recipe_command("sft", _cmd_sft, "instruction fine-tuning (Alpaca/chat template, loss on responses only)",
+                   "recipe YAML file (task: causal, data.format: instruction)", training=True)
     return parser
 
 
