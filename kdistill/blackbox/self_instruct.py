@@ -50,6 +50,7 @@ from kdistill.blackbox.filters import (
     RougeNoveltyFilter,
     instruction_reason,
 )
+from kdistill.data.sources import iter_jsonl
 from kdistill.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -176,13 +177,7 @@ def load_seeds(path: str | os.PathLike[str]) -> list[SeedTask]:
                 raise DataError(f"{name} line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             seeds.append(_seed_from_obj(obj, f"{name} line {line}", len(seeds)))
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{name} line {lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        for lineno, obj in iter_jsonl(text.splitlines(), name):
             seeds.append(_seed_from_obj(obj, f"{name} line {lineno}", len(seeds)))
     if not seeds:
         raise DataError(f"{name}: no seed tasks")

@@ -22,7 +22,7 @@ import csv
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +105,22 @@ def _load_file(source: str, fmt: str, text_column: str) -> list[dict[str, Any]]:
     return rows
 
 
+def iter_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of each non-blank JSONL line; bad JSON is a
+    :class:`DataError` naming ``name`` and the line."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name} line {lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
 def _load_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{name} line {lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        for lineno, obj in iter_jsonl(f, name):
             if not isinstance(obj, dict):
                 raise DataError(f"{name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
