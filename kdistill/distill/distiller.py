@@ -24,7 +24,6 @@ from kdistill.errors import ConfigError, KdistillError
 from kdistill.losses import (
     EnsembleHiddenTargets,
     HiddenTargets,
-    LMHead,
     SparseTargets,
     chunked_distribution_loss,
     distribution_loss,
@@ -122,15 +121,6 @@ class StudentModule(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor], hidden_states: bool, modules: list[str]) -> dict:
         return forward_outputs(self.model, self.task, inputs, hidden_states, modules)
-
-
-def _rows_of(head: LMHead, vocab_map: Tensor | None) -> LMHead:
-    """The teacher head restricted to a trimmed student's vocabulary (rows ``new_to_old``): the
-    teacher distribution is then renormalised over the kept tokens."""
-    if vocab_map is None:
-        return head
-    bias = None if head.bias is None else head.bias[vocab_map]
-    return LMHead(head.weight[vocab_map], bias, head.scale, head.softcap)
 
 
 def _state(outputs: dict, ref: int | str) -> Tensor:
@@ -279,8 +269,7 @@ class Distiller:
             return chunked_distribution_loss(student_hidden, student_head, targets, mask,
                                              missing_mass=term.missing_mass, **options)
         if self.task == "causal":
-            vocab_map = getattr(self.teachers, "vocab_map", None)
-            members = tuple(HiddenTargets(t["final_hidden"][:, :-1], _rows_of(lm_head_of(m), vocab_map))
+            members = tuple(HiddenTargets(t["final_hidden"][:, :-1], lm_head_of(m))
                             for t, m in zip(t_outs, self.teachers.models))
             targets = members[0] if len(members) == 1 else EnsembleHiddenTargets(members, tuple(weights))
             return chunked_distribution_loss(student_hidden, student_head, targets, mask, **options)

@@ -119,6 +119,9 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
             student, tokenizer, train_examples, eval_examples, init.vocab.max_size)
         vocab_size = None  # teacher targets are mapped into the student's vocabulary
 
+    sizes = {"student": count_parameters(student)}
+    if teacher_models:
+        sizes["teacher"] = count_parameters(teacher_models[0])  # before a trimmed student trims the live teachers
     if recipe.signal.source == "cache":
         from kdistill.signals.cache import hash_examples, hash_model, hash_tokenizer, open_cache
         from kdistill.signals.cached import CachedTeacher
@@ -131,14 +134,10 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
         cache = open_cache(recipe.cache_dir, expect=expect)
         teachers = CachedTeacher(cache, None if plan is None else plan.old_to_new)
     elif teacher_models:
-        teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task,
-                                None if plan is None else plan.new_to_old)
+        teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task, plan)
     else:
         teachers = None
     collator = Collator(tokenizer, recipe.task, mlm_probability=data.mlm_probability)
-    sizes = {"student": count_parameters(student)}
-    if teacher_models:
-        sizes["teacher"] = count_parameters(teacher_models[0])
     job = TrainJob(student, recipe.task, teachers, list(recipe.objective), train_examples, eval_examples, collator,
                    recipe.training, recipe.run_dir, vocab_size)
     extras = {"vocab_plan": plan}

@@ -83,3 +83,37 @@ def test_trimmed_vocabulary_that_cannot_encode_an_example(tmp_path, tiny_assets)
                           .replace("signal: {source: cache, k: 8, shard_size: 32}\n", ""))
     with pytest.raises(DataError, match="cannot encode training example"):
         run_distill(recipe, progress=False)
+
+
+def test_live_teacher_of_a_trimmed_student_is_trimmed_to_the_kept_tokens(tmp_path, tiny_assets) -> None:
+    """Live KD into a trimmed student: the teacher reads the student's ids and its distribution is
+    the full teacher's renormalised over the kept tokens (first-step loss vs a direct reference)."""
+    import torch.nn.functional as F
+
+    from kdistill.distill.distiller import Distiller, StepCounts, StudentModule, batch_counts
+    from kdistill.distill.pipeline import build_job
+
+    text = _cached_recipe(tmp_path, tiny_assets, name="live-trim", extra_student=", vocab: {keep: corpus}").replace(
+        "signal: {source: cache, k: 8, shard_size: 32}\n", "")
+    job, _, sizes, extras = build_job(parse_recipe(text))
+    plan = extras["vocab_plan"]
+    (teacher,) = job.teachers.models
+    assert teacher.get_input_embeddings().num_embeddings == plan.new_size == job.student.config.vocab_size
+    full = AutoModelForCausalLM.from_pretrained(tiny_assets["gpt2"]).eval()
+    assert sizes["teacher"]["total"] == sum(p.numel() for p in full.parameters())  # counted before trimming
+
+    batch = job.collator(job.train_examples[:4])
+    counts = StepCounts(**{k: float(v) for k, v in batch_counts(batch, "causal").items()})
+    distiller = Distiller(StudentModule(job.student, "causal"), job.teachers, job.terms[:1], "causal")
+    loss, _ = distiller(batch, counts)
+
+    with torch.no_grad():
+        n2o = plan.new_to_old
+        inputs = {"input_ids": n2o[batch["input_ids"]], "attention_mask": batch["attention_mask"]}
+        t_logp = full(**inputs).logits[:, :-1, n2o].log_softmax(-1)  # full teacher, restricted, renormalised
+        s_logp = job.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        s_logp = s_logp.log_softmax(-1)
+        mask = batch["labels"][:, 1:] != -100
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[mask].sum() / counts.labels
+    assert float(loss.detach()) == pytest.approx(float(kl), rel=1e-5)
+    assert float(F.mse_loss(t_logp, s_logp)) > 0  # a real comparison, not two copies of one model
