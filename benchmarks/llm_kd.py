@@ -1,39 +1,55 @@
-"""Benchmark: causal-LM KD four ways, same teacher, student, data, batch and steps.
+"""Benchmark: causal-LM KD four ways, same teacher, student, data, batch, optimizer and steps.
 
-Teacher: the packaged Gemma 3 270M (fp32); student: 6 of its 18 layers (uniform), full vocabulary;
-data: SST-2 sentences as plain text (``../shared/data/sst2/sentences-train.txt``), held-out split
-carved from the same file; forward KL at T = 1.
+Teacher: the packaged Gemma 3 270M (fp32). Student: 6 of its 18 layers (uniform). Data: SST-2
+sentences (``../shared/data/sst2/sentences-train.txt``, shuffled with a fixed seed) packed into
+rows of up to ``--max-length`` Gemma tokens (so a batch is ~``batch × max_length`` real tokens,
+as in LM pre-training); a held-out set of rows from sentences not used for training. Forward KL
+at T = 1, AdamW at a constant learning rate, gradients clipped at 1.0.
 
-    (a) kdistill, live teacher          (chunked loss, no B×L×V logits)
+    (a) kdistill, live teacher          (chunked loss: no B×L×V logits)
     (b) kdistill, from a top-64 cache   (teacher run once by ``kdistill cache``, time reported apart)
     (c) plain SFT of the student        (cross-entropy, no teacher)
     (d) TRL's GKDTrainer, off-policy (lmbda = 0, beta = 0: forward KL), TRL's defaults otherwise
-        except gradient checkpointing off and fp32 on CPU, as for (a)–(c)
+        except fp32 on CPU as for (a)–(c)
 
-Each runs in its own process (so peak RSS is its own): seconds per step and tokens/s over the
-training steps (after one warm-up step), peak RSS, then held-out teacher–student KL, top-1
-agreement and perplexity after the same number of steps.
+Two student vocabularies (``--vocab``):
+- ``full``: the student keeps Gemma's 262,144-token embedding/head, as TRL needs;
+- ``trimmed``: the ``recipes/gemma-kd.yaml`` student, its vocabulary trimmed to the tokens of
+  the data (``vocab: {keep: corpus}``). Every case trains this same trimmed student. TRL compares
+  teacher and student logits position by position, so it gets the teacher trimmed to the same
+  kept ids (embedding and head rows): its distribution renormalised over the kept tokens, the
+  same target kdistill's live teacher uses. The cache stores the full-vocabulary top-64, mapped
+  into the kept ids (the rest of the mass is the tail bucket).
 
-    python benchmarks/llm_kd.py                       # ~15 min on 2 CPU cores
-    python benchmarks/llm_kd.py --steps 5 --train 64  # a quick look
+Each case runs in its own process. Reported: seconds per optimizer step (median, first step
+excluded) and tokens/s (non-padding tokens per step ÷ that), the peak RSS of the training phase
+(``VmHWM`` reset after the models are built, so model loading and conversion do not count), then
+held-out perplexity, teacher–student KL and top-1 agreement (against the untrimmed teacher) after
+the same number of steps.
+
+    python benchmarks/llm_kd.py                                 # both vocabularies (~50 min, 2 CPU cores)
+    python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
 
 Targets (issue 4): (b) ≤ 1.15× the step time of (c); (a) and (b) ≥ 1.5× the tokens/s of (d) at
 ≤ 0.5× its peak memory; the KD students beat the SFT student on held-out perplexity.
-Prints a table and writes ``benchmarks/results/llm_kd.json``.
+Prints a table per vocabulary and writes ``benchmarks/results/llm_kd.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
 DATA = Path("../shared/data/sst2/sentences-train.txt")
 CASES = ("kdistill_live", "kdistill_cache", "sft", "trl_gkd")
+TEACHER = "gemma-3-270m"
 
 
 def _rss(field: str) -> int:
@@ -43,26 +59,49 @@ def _rss(field: str) -> int:
     return 0
 
 
-def _write_data(out: Path, n_train: int, n_held: int) -> tuple[Path, Path]:
-    lines = [line.partition(" ")[2].strip() for line in DATA.read_text().splitlines()]
-    random.Random(7).shuffle(lines)
+def _reset_peak_rss() -> None:
+    """Start ``VmHWM`` again from the current RSS (Linux: write 5 to clear_refs)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _write_data(out: Path, n_train: int, n_held: int, max_length: int) -> tuple[Path, Path]:
+    """Pack shuffled sentences into rows of ≤ max_length − 1 Gemma tokens (room for <bos>)."""
+    from kdistill.models.resolve import load_tokenizer
+
+    tokenizer = load_tokenizer(TEACHER)
+    sentences = [line.partition(" ")[2].strip() for line in DATA.read_text().splitlines()]
+    random.Random(7).shuffle(sentences)
+    rows, current, used = [], [], 0
+    for sentence in sentences:
+        n = len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
+        if current and used + n > max_length - 1:
+            rows.append(" ".join(current))
+            current, used = [], 0
+            if len(rows) == n_train + n_held:
+                break
+        current.append(sentence)
+        used += n
+    if len(rows) < n_train + n_held:
+        sys.exit(f"{DATA} has too few sentences for {n_train + n_held} rows of {max_length} tokens")
     out.mkdir(parents=True, exist_ok=True)
     train, held = out / "train.jsonl", out / "held_out.jsonl"
-    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[:n_train]))
-    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[n_train:n_train + n_held]))
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[:n_train]))
+    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[n_train:]))
     return train, held
 
 
-def _recipe_text(case: str, out: Path, train: Path, held: Path, args) -> str:
+def _recipe_text(case: str, vocab: str, out: Path, train: Path, held: Path, args) -> str:
     objective = "[{kind: ce}]" if case == "sft" else "[{kind: forward_kl}]"
     signal = "signal: {source: cache, k: 64, batch_size: 8}\n" if case == "kdistill_cache" else ""
+    trim = ", vocab: {keep: corpus}" if vocab == "trimmed" else ""
     return f"""
-name: llm-kd-{case}
+name: llm-kd-{vocab}-{case}
 task: causal
-output_dir: {out / case}
-teacher: gemma-3-270m
+output_dir: {out / vocab / case}
+teacher: {TEACHER}
 student:
-  init_from_teacher: {{strategy: uniform, num_layers: 6}}
+  init_from_teacher: {{strategy: uniform, num_layers: 6{trim}}}
 data:
   train: {{source: {train}}}
   validation: {{source: {held}}}
@@ -73,74 +112,85 @@ objective: {objective}
   learning_rate: {args.lr}
   max_steps: {args.steps}
   lr_scheduler_type: constant
+  max_grad_norm: 1.0
   logging_steps: 1
   seed: 0
 """
 
 
-def _run_case(case: str, args, out: Path, train: Path, held: Path, queue) -> None:
+def _teacher_id_examples(examples: list[dict], plan) -> list[dict]:
+    """Held-out examples in the teacher's ids (a trimmed student's ids mapped back by ``new_to_old``)."""
+    if plan is None:
+        return examples
+    table = plan.new_to_old.tolist()
+    return [{**ex, "input_ids": [table[i] for i in ex["input_ids"]],
+             "labels": [table[i] if i >= 0 else i for i in ex["labels"]]} for ex in examples]
+
+
+def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, queue) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from kdistill.data.collate import Collator
     from kdistill.distill.pipeline import build_job, run_cache
     from kdistill.distill.trainer import TrainJob
     from kdistill.distill.trainer import train as train_loop
-    from kdistill.eval.quality import lm_quality
-    from kdistill.models.resolve import load_model
+    from kdistill.eval.quality import VocabMap, lm_quality
+    from kdistill.models.resolve import load_model, load_tokenizer
     from kdistill.recipe import parse_recipe
 
-    recipe = parse_recipe(_recipe_text(case, out, train, held, args))
+    recipe = parse_recipe(_recipe_text(case, vocab, out, train, held, args))
     cache_seconds = None
     if case == "kdistill_cache":
         start = time.perf_counter()
         run_cache(recipe)
         cache_seconds = time.perf_counter() - start
-    job, tokenizer, sizes, _ = build_job(recipe)
-    student = job.student
-    tokens_per_step = None
-    step_times: list[float] = []
+    job, _, sizes, extras = build_job(recipe)
+    plan = extras["vocab_plan"]
+    tokens_per_row = statistics.fmean(sum(ex["attention_mask"]) for ex in job.train_examples)
     if case == "trl_gkd":
-        step_times, tokens_per_step = _train_trl(job, recipe, args, out)
+        step_times = _train_trl(job, args, out / vocab)
     else:
-        # time each optimizer step through the metrics the loop writes (one record per step)
-        start = time.perf_counter()
+        _reset_peak_rss()
         train_loop(TrainJob(**{**job.__dict__, "eval_examples": None}), progress=False)
-        total = time.perf_counter() - start
         records = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
-        tokens_per_step = sum(int(sum(ex["attention_mask"])) for ex in job.train_examples) / len(job.train_examples) \
-            * args.batch
-        step_times = [total / max(len(records), 1)] * len(records)
+        step_times = [r["seconds_per_step"] for r in records if "seconds_per_step" in r][1:]
     peak = _rss("VmHWM")
-    teacher = load_model("gemma-3-270m", "causal")
-    quality = lm_quality(teacher, student, "causal", job.eval_examples, job.collator, batch_size=8)
-    per_step = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    queue.put({"case": case, "seconds_per_step": per_step, "tokens_per_s": tokens_per_step / per_step,
-               "peak_rss_bytes": peak, "cache_seconds": cache_seconds, "kl": quality["vs_teacher"]["kl"],
-               "agreement": quality["vs_teacher"]["agreement"],
+    per_step = statistics.median(step_times)
+
+    teacher = load_model(TEACHER, "causal")
+    vocab_map = None if plan is None else VocabMap.from_new_to_old(plan.new_to_old.tolist(), plan.old_size)
+    held_out = _teacher_id_examples(job.eval_examples, plan)
+    quality = lm_quality(teacher, job.student, "causal", held_out, Collator(load_tokenizer(TEACHER), "causal"),
+                         vocab_map=vocab_map, batch_size=8)
+    queue.put({"vocab": vocab, "case": case, "student_vocab": job.student.config.vocab_size,
+               "student_params": sizes["student"]["total"], "seconds_per_step": per_step,
+               "tokens_per_step": tokens_per_row * args.batch, "tokens_per_s": tokens_per_row * args.batch / per_step,
+               "peak_rss_bytes": peak, "cache_seconds": cache_seconds,
                "student_perplexity": quality["student"]["perplexity"],
-               "teacher_perplexity": quality["teacher"]["perplexity"], "quality": quality})
+               "teacher_perplexity": quality["teacher"]["perplexity"],
+               "kl": quality["vs_teacher"]["kl"], "agreement": quality["vs_teacher"]["agreement"],
+               "quality": quality})
 
 
-def _train_trl(job, recipe, args, out: Path) -> tuple[list[float], float]:
+def _train_trl(job, args, out: Path) -> list[float]:
+    """TRL's GKDTrainer on the same student, examples, collator and optimizer settings."""
     import datasets
     import torch
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from kdistill.models.resolve import load_model, load_tokenizer
+    from kdistill.models.resolve import load_tokenizer
 
-    teacher = load_model("gemma-3-270m", "causal")
-    tokenizer = load_tokenizer("gemma-3-270m")
-    rows = [{"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"], "labels": ex["labels"],
-             "example_id": ex["example_id"]} for ex in job.train_examples]
-    dataset = datasets.Dataset.from_list(rows)
+    # the recipe's live teacher, trimmed by build_job to the student's kept ids when there is a plan
+    (teacher,) = job.teachers.models
+    rows = [{k: ex[k] for k in ("input_ids", "attention_mask", "labels", "example_id")} for ex in job.train_examples]
     config = GKDConfig(output_dir=str(out / "trl_gkd"), lmbda=0.0, beta=0.0, temperature=1.0,
                        per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=args.steps,
-                       lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                       use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, dataloader_num_workers=0,
-                       remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-                       max_length=args.max_length)
-
+                       lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
+                       save_strategy="no", report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+                       seed=0, dataloader_num_workers=0, remove_unused_columns=False,
+                       dataset_kwargs={"skip_prepare_dataset": True}, max_length=args.max_length)
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -153,22 +203,54 @@ def _train_trl(job, recipe, args, out: Path) -> tuple[list[float], float]:
     def collate(batch):
         return {k: v for k, v in job.collator(batch).items() if k != "example_ids"}
 
-    trainer = GKDTrainer(model=job.student, teacher_model=teacher, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, data_collator=collate, callbacks=[StepTimer()])
+    trainer = GKDTrainer(model=job.student, teacher_model=teacher, args=config,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=load_tokenizer(TEACHER),
+                         data_collator=collate, callbacks=[StepTimer()])
+    _reset_peak_rss()
     trainer.train()
-    tokens = sum(len(ex["input_ids"]) for ex in job.train_examples) / len(job.train_examples) * args.batch
     torch.manual_seed(0)
-    return times[1:] or times, tokens
+    return times[1:] or times
+
+
+def _report(vocab: str, rows: list[dict], args) -> dict[str, bool]:
+    ok = {r["case"]: r for r in rows if "error" not in r}
+    first = next(iter(ok.values()), {})
+    print(f"\n{vocab} vocabulary (student {first.get('student_vocab', '?')} tokens, "
+          f"{first.get('student_params', 0) / 1e6:.1f}M parameters): {args.train} rows × ≤{args.max_length} tokens, "
+          f"batch {args.batch}, {args.steps} steps, CPU {args.threads} threads")
+    print(f"{'case':16} {'s/step':>7} {'tok/s':>7} {'peak RSS GiB':>12} {'held-out ppl':>12} {'KL':>7} {'top-1':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:16} {r['error']}")
+            continue
+        print(f"{r['case']:16} {r['seconds_per_step']:7.2f} {r['tokens_per_s']:7.0f} "
+              f"{r['peak_rss_bytes'] / 2**30:12.2f} {r['student_perplexity']:12.1f} {r['kl']:7.3f} {r['agreement']:6.3f}")
+    if ok:
+        print(f"{'teacher':16} {'':7} {'':7} {'':12} {first['teacher_perplexity']:12.1f}")
+    targets = {}
+    if {"kdistill_cache", "sft"} <= ok.keys():
+        targets["cache_step_le_1.15x_sft"] = ok["kdistill_cache"]["seconds_per_step"] <= 1.15 * ok["sft"]["seconds_per_step"]
+    for case in ("kdistill_live", "kdistill_cache"):
+        if case in ok and "trl_gkd" in ok:
+            trl = ok["trl_gkd"]
+            targets[f"{case}_tokens_ge_1.5x_trl"] = ok[case]["tokens_per_s"] >= 1.5 * trl["tokens_per_s"]
+            targets[f"{case}_memory_le_0.5x_trl"] = ok[case]["peak_rss_bytes"] <= 0.5 * trl["peak_rss_bytes"]
+        if case in ok and "sft" in ok:
+            targets[f"{case}_ppl_below_sft"] = ok[case]["student_perplexity"] < ok["sft"]["student_perplexity"]
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    return targets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=256, help="training sentences")
-    parser.add_argument("--held-out", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--vocab", choices=("trimmed", "full", "both"), default="both")
+    parser.add_argument("--train", type=int, default=480, help="training rows")
+    parser.add_argument("--held-out", type=int, default=48, help="held-out rows")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (trimmed vocabulary)")
+    parser.add_argument("--full-steps", type=int, default=20, help="optimizer steps (full vocabulary: ~8× slower)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")
@@ -176,44 +258,22 @@ def main() -> None:
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
     out = Path(args.out)
-    train, held = _write_data(out, args.train, args.held_out)
+    train, held = _write_data(out, args.train, args.held_out, args.max_length)
     ctx = mp.get_context("spawn")
-    rows = []
-    for case in args.cases.split(","):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_case, args=(case, args, out, train, held, queue))
-        proc.start()
-        proc.join()
-        rows.append(queue.get() if proc.exitcode == 0 else {"case": case, "error": f"exit code {proc.exitcode}"})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "quality"}), flush=True)
-
-    ok = {r["case"]: r for r in rows if "error" not in r}
-    print(f"\ncausal-LM KD, teacher gemma-3-270m → 6-layer student, {args.train} sentences, batch {args.batch}, "
-          f"{args.steps} steps, CPU {args.threads} threads")
-    print(f"{'case':16} {'s/step':>7} {'tok/s':>7} {'peak RSS GiB':>12} {'KL':>7} {'top-1':>6} {'ppl':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['case']:16} {r['error']}")
-            continue
-        print(f"{r['case']:16} {r['seconds_per_step']:7.2f} {r['tokens_per_s']:7.0f} {r['peak_rss_bytes'] / 2**30:12.2f} "
-              f"{r.get('kl', float('nan')):7.3f} {r.get('agreement', float('nan')):6.3f} "
-              f"{r.get('student_perplexity', float('nan')):8.2f}")
-    targets = {}
-    if {"kdistill_cache", "sft"} <= ok.keys():
-        targets["cache_step_le_1.15x_sft"] = ok["kdistill_cache"]["seconds_per_step"] <= 1.15 * ok["sft"]["seconds_per_step"]
-    if "trl_gkd" in ok:
-        for case in ("kdistill_live", "kdistill_cache"):
-            if case in ok:
-                targets[f"{case}_tokens_ge_1.5x_trl"] = ok[case]["tokens_per_s"] >= 1.5 * ok["trl_gkd"]["tokens_per_s"]
-                targets[f"{case}_memory_le_0.5x_trl"] = ok[case]["peak_rss_bytes"] <= 0.5 * ok["trl_gkd"]["peak_rss_bytes"]
-    if "sft" in ok:
-        for case in ("kdistill_live", "kdistill_cache"):
-            if case in ok:
-                targets[f"{case}_ppl_below_sft"] = (ok[case].get("student_perplexity", 1e9)
-                                                    < ok["sft"].get("student_perplexity", 0))
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    results = {}
+    for vocab in ("trimmed", "full") if args.vocab == "both" else (args.vocab,):
+        vocab_args = argparse.Namespace(**{**vars(args), "steps": args.steps if vocab == "trimmed" else args.full_steps})
+        rows = []
+        for case in args.cases.split(","):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_run_case, args=(case, vocab, vocab_args, out, train, held, queue))
+            proc.start()
+            proc.join()
+            rows.append(queue.get() if proc.exitcode == 0 else {"case": case, "error": f"exit code {proc.exitcode}"})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "quality"}), flush=True)
+        results[vocab] = {"steps": vocab_args.steps, "rows": rows, "targets": _report(vocab, rows, vocab_args)}
     path = Path("benchmarks/results/llm_kd.json")
-    path.write_text(json.dumps({"config": vars(args), "rows": rows, "targets": targets}, indent=2, default=str))
+    path.write_text(json.dumps({"config": vars(args), "results": results}, indent=2, default=str))
     print(f"wrote {path}")
 
 

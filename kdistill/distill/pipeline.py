@@ -133,9 +133,9 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
                   "temperature": recipe.signal.temperature}
         cache = open_cache(recipe.cache_dir, expect=expect)
         teachers = CachedTeacher(cache, None if plan is None else plan.old_to_new)
-    elif teacher_models:
+    elif teacher_models and any(t.kind != "ce" for t in recipe.objective):
         teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task, plan)
-    else:
+    else:  # no teacher, or one that only initialised the student: not held during training
         teachers = None
     collator = Collator(tokenizer, recipe.task, mlm_probability=data.mlm_probability)
     job = TrainJob(student, recipe.task, teachers, list(recipe.objective), train_examples, eval_examples, collator,

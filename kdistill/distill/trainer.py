@@ -197,6 +197,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     stopped_early = False
     bar = _Progress(total_steps, state.step, enabled=progress and acc.is_main_process)
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    window_step = state.step  # the logging window: tokens and time since the last record
 
     while state.step < total_steps:
         # -- this step's micro-batches and the global counts that normalise every term
@@ -237,11 +238,11 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
             elapsed = time.perf_counter() - window_start
             tokens_per_s = acc.reduce(torch.tensor(float(window_tokens), device=device), "sum").item() / max(elapsed, 1e-9)
             record = {"step": state.step, **step_values, "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": tokens_per_s}
+                      "tokens_per_s": tokens_per_s, "seconds_per_step": elapsed / (state.step - window_step)}
             if cfg.max_grad_norm is not None:
                 record["grad_norm"] = grad_norm
             metrics_log.write(record)
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_start, window_step = 0, time.perf_counter(), state.step
             bar.tokens_per_s = tokens_per_s
         bar.update(state.step, step_values)
 
