@@ -4,7 +4,8 @@ Teacher: the packaged Gemma 3 270M (fp32). Student: 6 of its 18 layers (uniform)
 sentences (``../shared/data/sst2/sentences-train.txt``, shuffled with a fixed seed) packed into
 rows of up to ``--max-length`` Gemma tokens (so a batch is ~``batch × max_length`` real tokens,
 as in LM pre-training); a held-out set of rows from sentences not used for training. Forward KL
-at T = 1, AdamW at a constant learning rate, gradients clipped at 1.0.
+at T = 1 (+ hard-label CE, weight ``--ce-weight``, for kdistill), AdamW at a constant learning
+rate, gradients clipped at 1.0.
 
     (a) kdistill, live teacher          (chunked loss: no B×L×V logits)
     (b) kdistill, from a top-64 cache   (teacher run once by ``kdistill cache``, time reported apart)
@@ -92,7 +93,12 @@ def _write_data(out: Path, n_train: int, n_held: int, max_length: int) -> tuple[
 
 
 def _recipe_text(case: str, vocab: str, out: Path, train: Path, held: Path, args) -> str:
-    objective = "[{kind: ce}]" if case == "sft" else "[{kind: forward_kl}]"
+    if case == "sft":
+        objective = "[{kind: ce}]"
+    elif args.ce_weight:
+        objective = f"[{{kind: forward_kl}}, {{kind: ce, weight: {args.ce_weight}}}]"
+    else:
+        objective = "[{kind: forward_kl}]"
     signal = "signal: {source: cache, k: 64, batch_size: 8}\n" if case == "kdistill_cache" else ""
     trim = ", vocab: {keep: corpus}" if vocab == "trimmed" else ""
     return f"""
@@ -251,6 +257,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--ce-weight", type=float, default=1.0,
+                        help="weight of the hard-label CE added to forward KL in (a) and (b), as in "
+                             "recipes/gemma-kd.yaml (0: KL only, as TRL's GKD loss)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")

@@ -9,7 +9,9 @@ Positions per task (``TermSpec.positions``):
 - mlm: ``labels`` = the masked tokens, ``tokens`` = every non-padding token;
 - causal: position i predicts token i + 1, so ``labels`` = positions whose next token has a label,
   ``tokens`` = positions whose next token is not padding. Causal response terms and ``ce`` go
-  through the chunked loss on the final hidden states: no (B × L × V) logits tensor is built.
+  through the chunked loss on the final hidden states: no (B × L × V) logits tensor is built,
+  and the terms over the same positions share one pass (e.g. KD + CE: the head's logits and
+  GEMMs once, not once per term).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, KdistillError
 from kdistill.losses import (
+    ChunkedTerm,
     EnsembleHiddenTargets,
     HiddenTargets,
     SparseTargets,
-    chunked_distribution_loss,
+    chunked_distribution_losses,
     distribution_loss,
     get_loss,
 )
 from kdistill.losses.feature import FeatureProjections, LayerPair, hidden_cosine, hidden_mse
 from kdistill.losses.relation import attention_relation_kl, pooled_relation_loss
-from kdistill.losses.response import mixture_logits
+from kdistill.losses.response import DistributionSpec, mixture_logits
 from kdistill.models.heads import lm_head_of
 from kdistill.models.outputs import forward_outputs
 from kdistill.recipe import TermSpec
@@ -96,17 +99,23 @@ def hard_ce(task: str, model: nn.Module, outputs: dict, batch: dict[str, Tensor]
     """
     labels = batch["labels"]
     if task == "causal":
-        ids = labels[:, 1:, None].clamp_min(0)
-        targets = SparseTargets(ids, torch.zeros(ids.shape, device=ids.device))
-        return chunked_distribution_loss(outputs["final_hidden"][:, :-1], lm_head_of(model), targets, mask,
-                                         kind="soft_ce", missing_mass="ignore", num_valid=count,
-                                         vocab_size=vocab_size)
+        total, _ = chunked_distribution_losses(outputs["final_hidden"][:, :-1], lm_head_of(model),
+                                               [causal_ce_term(labels, count, vocab_size)], mask)
+        return total
     logits = outputs["logits"]
     if task == "classification" and "soft_labels" in batch:
         log_probs = batch["soft_labels"].clamp_min(1e-12).log()
         return distribution_loss(logits, log_probs, mask, kind="soft_ce", num_valid=count)
     rows = logits[mask].float()
     return F.cross_entropy(rows, labels[mask], reduction="sum") / max(float(count), 1.0)
+
+
+def causal_ce_term(labels: Tensor, count: float, vocab_size: int | None, weight: float = 1.0) -> ChunkedTerm:
+    """Next-token cross-entropy as a chunked term: one-hot sparse targets (row j: token j + 1),
+    ``soft_ce`` with ``missing_mass="ignore"`` = −log q(y)."""
+    ids = labels[:, 1:, None].clamp_min(0)
+    targets = SparseTargets(ids, torch.zeros(ids.shape, device=ids.device))
+    return ChunkedTerm(targets, DistributionSpec("soft_ce", missing_mass="ignore", vocab_size=vocab_size), count, weight)
 
 
 class StudentModule(nn.Module):
@@ -205,13 +214,23 @@ class Distiller:
         masks = position_masks(batch, self.task)
         total = torch.zeros((), device=batch["input_ids"].device)
         values: dict[str, Tensor] = {}
+        chunked: dict[str, list[tuple[str, ChunkedTerm]]] = {}  # causal response terms by position kind
         for label, term in zip(self.labels, self.terms):
             positions = resolved_positions(term, self.task)
             count = getattr(counts, positions)
+            if self.task == "causal" and _family(term.kind) == "response":
+                chunked.setdefault(positions, []).append((label, self._chunked_term(term, batch, t_outs, count)))
+                continue
             value = self._term(term, batch, s_out, t_outs, masks[positions], count)
             values[label] = value
             total = total + term.weight * value
-        return total, values
+        for positions, group in chunked.items():  # one pass over the vocabulary per position kind
+            fused, parts = chunked_distribution_losses(s_out["final_hidden"][:, :-1],
+                                                       lm_head_of(self._student_model()),
+                                                       [t for _, t in group], masks[positions])
+            total = total + fused
+            values.update({label: value for (label, _), value in zip(group, parts)})
+        return total, {label: values[label] for label in self.labels}
 
     # ------------------------------------------------------------------ terms
 
@@ -255,24 +274,26 @@ class Distiller:
     def _hard_ce(self, batch, s_out, mask, count) -> Tensor:
         return hard_ce(self.task, self._student_model(), s_out, batch, mask, count, self.vocab_size)
 
-    def _response(self, term, s_out, t_outs, mask, count) -> Tensor:
-        options = dict(kind=term.kind, temperature=term.temperature, scale_by_t2=term.scale_by_t2,
-                       beta=term.beta, alpha=term.alpha, num_valid=count, vocab_size=self.vocab_size)
-        weights = self.teachers.weights
-        student_hidden, student_head = None, None
-        if self.task == "causal":
-            student_hidden = s_out["final_hidden"][:, :-1]
-            student_head = lm_head_of(self._student_model())
+    def _chunked_term(self, term, batch, t_outs, count) -> ChunkedTerm:
+        """A causal response term (or ``ce``) for the fused chunked pass over the student's head."""
+        if term.kind == "ce":
+            return causal_ce_term(batch["labels"], count, self.vocab_size, term.weight)
+        spec = DistributionSpec(term.kind, term.temperature, term.scale_by_t2, term.beta, term.alpha,
+                                term.missing_mass if "sparse" in t_outs[0] else "tail", self.vocab_size)
         if "sparse" in t_outs[0]:  # cached top-k targets: row j is the distribution of token j + 1
             sparse = t_outs[0]["sparse"]
             targets = SparseTargets(sparse.ids[:, :-1], sparse.logprobs[:, :-1], sparse.temperature)
-            return chunked_distribution_loss(student_hidden, student_head, targets, mask,
-                                             missing_mass=term.missing_mass, **options)
-        if self.task == "causal":
+        else:
             members = tuple(HiddenTargets(t["final_hidden"][:, :-1], lm_head_of(m))
                             for t, m in zip(t_outs, self.teachers.models))
-            targets = members[0] if len(members) == 1 else EnsembleHiddenTargets(members, tuple(weights))
-            return chunked_distribution_loss(student_hidden, student_head, targets, mask, **options)
+            targets = members[0] if len(members) == 1 else EnsembleHiddenTargets(members, tuple(self.teachers.weights))
+        return ChunkedTerm(targets, spec, count, term.weight)
+
+    def _response(self, term, s_out, t_outs, mask, count) -> Tensor:
+        """A response term of a classification or masked-LM student, on its logits."""
+        options = dict(kind=term.kind, temperature=term.temperature, scale_by_t2=term.scale_by_t2,
+                       beta=term.beta, alpha=term.alpha, num_valid=count, vocab_size=self.vocab_size)
+        weights = self.teachers.weights
         teacher_logits = mixture_logits([t["logits"] for t in t_outs], weights, term.temperature)
         logits = s_out["logits"]
         return distribution_loss(logits, teacher_logits, mask, **options)

@@ -5,12 +5,20 @@ Every loss sums a per-position value over valid positions and divides by ``num_v
 """
 
 from kdistill.losses import feature, relation, response  # noqa: F401  (register their losses)
-from kdistill.losses.chunked import EnsembleHiddenTargets, HiddenTargets, LMHead, chunked_distribution_loss
+from kdistill.losses.chunked import (
+    ChunkedTerm,
+    EnsembleHiddenTargets,
+    HiddenTargets,
+    LMHead,
+    chunked_distribution_loss,
+    chunked_distribution_losses,
+)
 from kdistill.losses.reduce import mask_from_labels
 from kdistill.losses.registry import LossEntry, all_losses, get_loss, register_loss
 from kdistill.losses.response import SparseTargets, distribution_loss, per_position_divergence
 
 __all__ = [
+    "ChunkedTerm",
     "EnsembleHiddenTargets",
     "HiddenTargets",
     "LMHead",
@@ -18,6 +26,7 @@ __all__ = [
     "SparseTargets",
     "all_losses",
     "chunked_distribution_loss",
+    "chunked_distribution_losses",
     "distribution_loss",
     "get_loss",
     "mask_from_labels",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ShapeError
-from kdistill.losses.reduce import check_mask, normalise, select_valid
+from kdistill.losses.reduce import check_mask, select_valid
 from kdistill.losses.response import (
     DistributionSpec,
     SparseTargets,
@@ -125,12 +125,36 @@ def auto_chunk_size(vocab: int) -> int:
     return max(16, min(4096, CHUNK_LOGITS // max(vocab, 1)))
 
 
+@dataclass(frozen=True)
+class ChunkedTerm:
+    """One response term of a fused chunked pass (:func:`chunked_distribution_losses`).
+
+    teacher: (*lead, V_T) logits, :class:`HiddenTargets`, :class:`EnsembleHiddenTargets` or
+    :class:`SparseTargets` (*lead, k); spec: the divergence and its options; num_valid: the
+    count that normalises the term (default: this call's valid rows); weight: its weight in the sum.
+    """
+
+    teacher: Teacher
+    spec: DistributionSpec = DistributionSpec()
+    num_valid: Tensor | float | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class _Part:
+    rows: Callable[[int, int], Tensor | SparseTargets]
+    spec: DistributionSpec
+    vocab: int
+    coef: float  # weight · T² / count: this term's factor in the fused loss
+
+
 class _ChunkedLoss(torch.autograd.Function):
-    """Σ_rows divergence over chunks; gradients computed per chunk in forward, scaled in backward."""
+    """Σ_terms coef · Σ_rows divergence over chunks; gradients computed per chunk in forward,
+    scaled in backward. Outputs: the fused loss and, without gradient, each term's Σ_rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, rows, spec, vocab, chunk_size):  # type: ignore[override]
-        # Per chunk: z = h Wᵀ + b, g = ∂loss/∂z (autograd through transform + divergence only), then
+    def forward(ctx, hidden, weight, bias, head, parts, chunk_size):  # type: ignore[override]
+        # Per chunk: z = h Wᵀ + b, g = ∂loss/∂z (autograd through transform + divergences only), then
         # ∂h = g W, ∂W += gᵀ h (accumulated inside the GEMM: no extra pass over W), ∂b += Σ g.
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         h_all, w = hidden.detach(), weight.detach()
@@ -138,13 +162,15 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(h_all) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        sums = torch.zeros(len(parts), dtype=torch.float32, device=hidden.device)
         for a in range(0, h_all.shape[0], chunk_size):
             stop = min(a + chunk_size, h_all.shape[0])
             h = h_all[a:stop]
             z = head.project(h, w, b).requires_grad_(True)  # (c, V)
             with torch.enable_grad():
-                loss = block_loss_sum(head.transform(z), rows(a, stop), spec, vocab)
+                logits = head.transform(z)
+                terms = [block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts]
+                loss = sum(p.coef * t for p, t in zip(parts, terms))
             (g,) = torch.autograd.grad(loss, z)
             if need_h:
                 grad_h[a:stop] = g @ w
@@ -152,19 +178,90 @@ class _ChunkedLoss(torch.autograd.Function):
                 grad_w.addmm_(g.t().float(), h.float())
             if need_b:
                 grad_b += g.sum(0).float()
-            total += loss.detach()
-            del z, g, loss
+            sums += torch.stack([t.detach() for t in terms])
+            del z, g, loss, logits, terms
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total
+        ctx.mark_non_differentiable(sums)
+        coefs = torch.tensor([p.coef for p in parts], dtype=torch.float32, device=hidden.device)
+        return (coefs * sums).sum(), sums
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_sums):  # type: ignore[override]
         saved = iter(ctx.saved_tensors)
         out = []
         for need, dtype in zip(ctx.needs_input_grad[:3], ctx.dtypes):
             out.append((next(saved) * grad_out).to(dtype) if need else None)
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None)
+
+
+def _check_term(term: ChunkedTerm, student_head: LMHead, lead: torch.Size) -> int:
+    """Validate one term's targets against the student; return the compared vocabulary size."""
+    teacher, spec = term.teacher, term.spec
+    if isinstance(teacher, (HiddenTargets, EnsembleHiddenTargets)):
+        members = teacher.members if isinstance(teacher, EnsembleHiddenTargets) else (teacher,)
+        for member in members:
+            if tuple(member.hidden.shape[:-1]) != tuple(lead):
+                raise ShapeError(
+                    f"teacher hidden states have shape {tuple(member.hidden.shape)}, "
+                    f"student's leading shape is {tuple(lead)}"
+                )
+            vocab = shared_vocab_size(student_head.vocab, member.head.vocab, spec.vocab_size)
+        return vocab
+    return check_targets(teacher, lead, spec, student_head.vocab)
+
+
+def chunked_distribution_losses(
+    student_hidden: Tensor,
+    student_head: LMHead,
+    terms: list[ChunkedTerm],
+    mask: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Several response losses of one student over the same positions, in one chunked pass.
+
+    Each chunk's logits are made once and every term is computed from them; the gradient of the
+    weighted sum is taken in the same pass. So KD + hard-label CE (or several divergences) cost
+    one pass over the vocabulary, not one per term.
+
+    student_hidden: (*lead, H_S); student_head: its :class:`LMHead` with weight (V_S, H_S);
+    terms: :class:`ChunkedTerm` each; mask: (*lead) bool valid positions, shared by the terms.
+    Returns ``(Σ_t weight_t · loss_t, [loss_t])``: the first with gradients, the list detached, each
+    ``loss_t = T_t² · Σ_valid divergence_t / num_valid_t`` (0-dim fp32).
+    """
+    if not terms:
+        raise ShapeError("chunked_distribution_losses: no terms")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(student_head.vocab)
+    if chunk_size < 1:
+        raise ShapeError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if student_hidden.shape[-1] != student_head.weight.shape[1]:
+        raise ShapeError(
+            f"student hidden width {student_hidden.shape[-1]} does not match its head "
+            f"{tuple(student_head.weight.shape)}"
+        )
+    lead = student_hidden.shape[:-1]
+    mask = check_mask(mask, lead, "chunked_distribution_loss")
+    hidden = select_valid(student_hidden, mask, len(lead))
+    n = hidden.shape[0]
+    counts = [float(n if t.num_valid is None else t.num_valid) for t in terms]
+    parts = [_Part(_teacher_rows(t.teacher, mask, len(lead), t.spec.temperature), t.spec,
+                   _check_term(t, student_head, lead), t.weight * t.spec.t2 / max(c, 1.0))
+             for t, c in zip(terms, counts)]
+    params = (hidden, student_head.weight, student_head.bias)
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        total, sums = _ChunkedLoss.apply(*params, student_head, parts, chunk_size)
+    else:
+        sums = torch.zeros(len(parts), dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for a in range(0, n, chunk_size):
+                stop = min(a + chunk_size, n)
+                logits = student_head.logits(hidden[a:stop])
+                sums += torch.stack([block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts])
+        total = sum(p.coef * sums[i] for i, p in enumerate(parts))
+    values = [sums[i] * (p.spec.t2 / max(c, 1.0)) for i, (p, c) in enumerate(zip(parts, counts))]
+    return total, values
 
 
 def chunked_distribution_loss(
@@ -194,38 +291,6 @@ def chunked_distribution_loss(
     Returns 0-dim fp32 ``T² · Σ_valid divergence / num_valid``.
     """
     spec = DistributionSpec(kind, temperature, scale_by_t2, beta, alpha, missing_mass, vocab_size)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(student_head.vocab)
-    if chunk_size < 1:
-        raise ShapeError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    if student_hidden.shape[-1] != student_head.weight.shape[1]:
-        raise ShapeError(
-            f"student hidden width {student_hidden.shape[-1]} does not match its head "
-            f"{tuple(student_head.weight.shape)}"
-        )
-    lead = student_hidden.shape[:-1]
-    mask = check_mask(mask, lead, "chunked_distribution_loss")
-    if isinstance(teacher, (HiddenTargets, EnsembleHiddenTargets)):
-        members = teacher.members if isinstance(teacher, EnsembleHiddenTargets) else (teacher,)
-        for member in members:
-            if tuple(member.hidden.shape[:-1]) != tuple(lead):
-                raise ShapeError(
-                    f"teacher hidden states have shape {tuple(member.hidden.shape)}, "
-                    f"student's leading shape is {tuple(lead)}"
-                )
-            vocab = shared_vocab_size(student_head.vocab, member.head.vocab, spec.vocab_size)
-    else:
-        vocab = check_targets(teacher, lead, spec, student_head.vocab)
-    hidden = select_valid(student_hidden, mask, len(lead))
-    rows = _teacher_rows(teacher, mask, len(lead), spec.temperature)
-    n = hidden.shape[0]
-    params = (hidden, student_head.weight, student_head.bias)
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        total = _ChunkedLoss.apply(*params, student_head, rows, spec, vocab, chunk_size)
-    else:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.no_grad():
-            for a in range(0, n, chunk_size):
-                stop = min(a + chunk_size, n)
-                total += block_loss_sum(student_head.logits(hidden[a:stop]), rows(a, stop), spec, vocab)
-    return spec.t2 * normalise(total, num_valid, n)
+    total, _ = chunked_distribution_losses(student_hidden, student_head, [ChunkedTerm(teacher, spec, num_valid)],
+                                           mask, chunk_size=chunk_size)
+    return total

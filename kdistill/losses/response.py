@@ -81,11 +81,15 @@ def _kl_to_mixture(t: Tensor, s: Tensor, w: float) -> Tensor:
     """KL(p ‖ w p + (1−w) q) per row, for 0 ≤ w < 1, without cancellation.
 
     With m = w p + (1−w) q: KL(p‖m) = Σ [(m − p) − p log(m/p)] (the added terms sum to 0 and make
-    every summand ≥ 0), m − p = (1−w)(q − p), log(m/p) = log1p((1−w)·expm1(s − t)).
+    every summand ≥ 0), m − p = (1−w)(q − p), log(m/p) = log1p((1−w)·expm1(s − t)) where m/p > 1/2
+    (no cancellation near equality), else log(w + (1−w)·e^(s−t)) as a logaddexp (≥ log w, where
+    the log1p form would round 1 − (1−w) to 0 in fp32 for tiny w).
     """
     d = s - t
     d = torch.where(torch.isnan(d), torch.zeros_like(d), d).clamp_max(_MAX_LOG_RATIO)  # -inf - -inf
-    log_m_over_p = torch.log1p((1.0 - w) * torch.expm1(d))
+    x = (1.0 - w) * torch.expm1(d)
+    log_w = torch.full_like(d, math.log(w) if w > 0 else -math.inf)
+    log_m_over_p = torch.where(x > -0.5, torch.log1p(x.clamp_min(-0.5)), torch.logaddexp(log_w, math.log1p(-w) + d))
     summand = (1.0 - w) * (s.exp() - t.exp()) - _p_times(t, log_m_over_p)
     return summand.sum(-1).clamp_min(0.0)
 

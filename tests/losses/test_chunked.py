@@ -127,3 +127,35 @@ def test_chunked_ensemble_equals_dense_mixture() -> None:
     assert chunked.item() == pytest.approx(dense.item(), rel=1e-5)
     for a, b in zip(_grads(chunked, head, hidden), _grads(dense, head, hidden)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 1000])
+def test_fused_terms_equal_the_weighted_sum_of_separate_losses(chunk_size: int) -> None:
+    """KD (dense hidden targets, T = 2) + sparse top-k KL + hard-label CE in one pass: the fused
+    loss and its gradients equal Σ weight · loss of separate calls; each term's value is returned."""
+    from kdistill.losses import ChunkedTerm, chunked_distribution_losses
+    from kdistill.losses.response import DistributionSpec
+
+    hidden, head, t_hidden, t_head, mask = _setup(seed=3, softcap=4.0)
+    values, ids = t_head.logits(t_hidden.reshape(-1, 24)).reshape(3, 7, 50).log_softmax(-1).topk(6, -1)
+    labels = torch.randint(0, 50, (3, 7, 1), generator=torch.Generator().manual_seed(4))
+    one_hot = SparseTargets(labels, torch.zeros(labels.shape))
+    specs = [
+        (HiddenTargets(t_hidden, t_head), dict(kind="jsd", beta=0.3, temperature=2.0), 11.0, 0.7),
+        (SparseTargets(ids, values), dict(kind="forward_kl", missing_mass="tail"), 13.0, 1.0),
+        (one_hot, dict(kind="soft_ce", missing_mass="ignore"), 9.0, 0.25),
+    ]
+    separate = [chunked_distribution_loss(hidden, head, t, mask, num_valid=n, chunk_size=3, **kw)
+                for t, kw, n, _ in specs]
+    expected = sum(w * loss for loss, (_, _, _, w) in zip(separate, specs))
+    terms = [ChunkedTerm(t, DistributionSpec(**kw), n, w) for t, kw, n, w in specs]
+    fused, parts = chunked_distribution_losses(hidden, head, terms, mask, chunk_size=chunk_size)
+    assert fused.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert [p.item() for p in parts] == pytest.approx([s.item() for s in separate], rel=1e-5)
+    assert all(not p.requires_grad for p in parts)
+    for a, b in zip(_grads(fused, head, hidden), _grads(expected, head, hidden)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the evaluation path gives the same numbers
+        fused_eval, parts_eval = chunked_distribution_losses(hidden, head, terms, mask, chunk_size=chunk_size)
+    assert fused_eval.item() == pytest.approx(fused.item(), rel=1e-5)
+    assert [p.item() for p in parts_eval] == pytest.approx([p.item() for p in parts], rel=1e-5)
