@@ -95,6 +95,15 @@ def _synthetic(kind: str, n: int, vocab: int, k: int, g: torch.Generator) -> tup
     return torch.cat(ids_out), torch.cat(vals_out), torch.cat(tails)
 
 
+def _random_llama(args, device: torch.device) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=max(512, args.seq_len), initializer_range=0.1,
+                         tie_word_embeddings=False)
+    with device:  # initialise on the device (fast on a GPU)
+        return LlamaForCausalLM(config).eval().to(getattr(torch, args.dtype))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -105,19 +114,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--error-tokens", type=int, default=1024, help="synthetic tokens per distribution kind (0: skip)")
+    parser.add_argument("--model", help="a real teacher instead of the random Llama (e.g. gemma-3-270m; "
+                                         "--vocab/--hidden/--layers then come from it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cache_size.json"))
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=max(512, args.seq_len), initializer_range=0.1,
-                         tie_word_embeddings=False)
     device = torch.device(args.device)
-    with device:  # initialise on the device (fast on a GPU)
-        model = LlamaForCausalLM(config).eval().to(getattr(torch, args.dtype))
+    if args.model:
+        from kdistill.models.resolve import load_model
+
+        model = load_model(args.model, "causal").eval().to(device, getattr(torch, args.dtype))
+        text = model.config.get_text_config()
+        args.vocab, args.hidden = model.get_output_embeddings().out_features, text.hidden_size
+        args.layers = text.num_hidden_layers
+    else:
+        model = _random_llama(args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_examples = max(1, args.tokens // args.seq_len)
     examples = [{"example_id": i, "input_ids": torch.randint(0, args.vocab, (args.seq_len,)).tolist()}
@@ -177,7 +191,7 @@ def main() -> None:
     result = {
         "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
-        "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
+        "model": {"name": args.model or "random llama", "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
                   "parameters": sum(p.numel() for p in model.parameters())},
         "tokens": tokens, "batch_size": args.batch_size, "seq_len": args.seq_len, "k": args.k,
         "encoding": ENCODING, "bytes_per_token_record": bytes_per_token(args.k, args.vocab),
@@ -191,7 +205,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"teacher: V={args.vocab:,} hidden={args.hidden} layers={args.layers} {args.dtype} on {result['device']}, "
+    print(f"teacher: {args.model or 'random llama'} V={args.vocab:,} hidden={args.hidden} layers={args.layers} {args.dtype} on {result['device']}, "
           f"{tokens:,} tokens, batch {args.batch_size}×{args.seq_len}, k={args.k}, {result['threads']} CPU threads")
     print(f"{'teacher forward (logits)':<28}{forward_s:>9.2f} s  {tokens / forward_s:>9.0f} tok/s")
     print(f"{'write_cache (total)':<28}{write_s:>9.2f} s  {tokens / write_s:>9.0f} tok/s  "
