@@ -397,15 +397,12 @@ class _ShardWriter:
         generators: dict[int, torch.Generator] = {}
         topk_parts, draw_parts = [], []
         for c in range(0, hidden_rows.shape[0], self.chunk_rows):  # everything stays on the device
-            rows = hidden_rows[c : c + self.chunk_rows]
+            ids, vals, probs = self._top(hidden_rows[c : c + self.chunk_rows])
             if self.sampled:
-                ids, vals, probs = self._top(rows)
                 draw_parts.append(self._draw(probs, example_of_row[c : c + probs.shape[0]], batch, generators))
-                # Tail mass Σ_{outside top-k} p: a sum of positive terms, exact to fp32 precision even
-                # where 1 − Σ_k p would cancel (peaked rows).
-                log_tail = probs.scatter_(-1, ids, 0.0).sum(-1).double().log()
-            else:
-                ids, vals, log_tail = self._top_and_tail(rows)
+            # Tail mass Σ_{outside top-k} p: a sum of positive terms, exact to fp32 precision even
+            # where 1 − Σ_k p would cancel (peaked rows).
+            log_tail = probs.scatter_(-1, ids, 0.0).sum(-1).double().log()
             topk_parts.append(encode_topk(ids, vals, self.vocab, log_tail=log_tail, validate=False))
         width = TopKFormat(self.k, self.vocab).bytes_per_token
         packed = torch.cat(topk_parts).cpu() if topk_parts else torch.zeros((0, width), dtype=torch.uint8)
@@ -434,7 +431,7 @@ class _ShardWriter:
         """
         head, n = self.head, hidden.shape[0]
         hidden = hidden.to(head.weight.dtype)
-        if self._probs is None or self._probs.device != hidden.device:
+        if self._logits is None or self._logits.device != hidden.device:
             shape = (self.chunk_rows, self.vocab)
             self._logits = torch.empty(shape, dtype=head.weight.dtype, device=hidden.device)
             self._probs = torch.empty(shape, dtype=torch.float32, device=hidden.device)
@@ -454,42 +451,6 @@ class _ShardWriter:
         probs = torch.softmax(z, -1, out=self._probs[:n])
         log_norm = top_z[:, :1] - probs.gather(-1, ids[:, :1]).log()
         return ids, top_z - log_norm, probs
-
-    def _top_and_tail(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(n, H) final hidden states → top-k ids (n, k), their log p_T (n, k) at the temperature,
-        and the log tail mass log Σ_{outside top-k} p_T (n,) fp64, without a softmax.
-
-        Fewer passes over the (n, V) logits than softmax + tail sum: the head's scale, 1/softcap
-        (or 1/T) are folded into the hidden rows, so z = tanh(h' Wᵀ) (or h' Wᵀ) is the only
-        transform; the top-k is taken on it (monotone in the final logits ζ = (cap/T)·z); then one
-        fused pass makes ζ − ζ_max, one exponentiates, and the sum over the non-top-k entries is the
-        tail (positive terms only: exact where 1 − Σ_k p would cancel).
-        """
-        head, n = self.head, hidden.shape[0]
-        hidden = hidden.to(head.weight.dtype)
-        cap = head.softcap
-        pre = head.scale / cap if cap is not None else head.scale / self.temperature
-        post = cap / self.temperature if cap is not None else 1.0  # ζ = post · z
-        if self._logits is None or self._logits.device != hidden.device:
-            self._logits = torch.empty((self.chunk_rows, self.vocab), dtype=head.weight.dtype, device=hidden.device)
-        z = self._logits[:n]
-        h = hidden * pre if pre != 1.0 else hidden
-        if head.bias is None:
-            torch.mm(h, head.weight.t(), out=z)
-        else:
-            torch.addmm(head.bias * pre if pre != 1.0 else head.bias, h, head.weight.t(), out=z)
-        if cap is not None:
-            z.tanh_()
-        z = z if z.dtype == torch.float32 else z.float()
-        top, ids = _topk(z, self.k)  # sorted, descending
-        top_zeta = top.float() * post
-        zeta_max = top_zeta[:, :1]
-        torch.add(-zeta_max, z, alpha=post, out=z)  # ζ − ζ_max ≤ 0
-        z.exp_()
-        tail = z.scatter_(-1, ids, 0.0).sum(-1).double()  # Σ_outside e^(ζ − ζ_max)
-        log_norm = zeta_max.double() + ((top_zeta - zeta_max).double().exp().sum(-1, keepdim=True)
-                                        + tail[:, None]).log()
-        return ids, (top_zeta.double() - log_norm).float(), tail.log() - log_norm[:, 0] + zeta_max[:, 0].double()
 
     def _draw(self, probs: Tensor, example_of_row: Tensor, batch: list[_Example], generators: dict) -> Tensor:
         """(n, sampled) ids drawn from ``probs`` (n, V) with replacement, each example's rows
