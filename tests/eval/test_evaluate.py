@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from kdistill.distill.pipeline import run_distill
@@ -19,14 +18,7 @@ from kdistill.recipe import parse_recipe
 FAST = {"batch_size": 8, "repeats": 1, "warmup": 0, "new_tokens": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP threads that wait for each other make a
-    tiny model's forward 10-100× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/eval/conftest.py
 
 
 def _run(tmp_path: Path, assets: dict, task: str, name: str) -> Path:

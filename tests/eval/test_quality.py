@@ -23,15 +23,7 @@ from kdistill.eval.quality import (
 )
 from kdistill.models.student import student_from_teacher
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP threads that wait for each other make a
-    tiny model's forward 10-100× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/eval/conftest.py
 
 
 def _rows(path) -> list[dict]:
