@@ -278,10 +278,10 @@ class Distiller:
         """A causal response term (or ``ce``) for the fused chunked pass over the student's head."""
         if term.kind == "ce":
             return causal_ce_term(batch["labels"], count, self.vocab_size, term.weight)
+        sparse = t_outs[0].get("sparse")
         spec = DistributionSpec(term.kind, term.temperature, term.scale_by_t2, term.beta, term.alpha,
-                                term.missing_mass if "sparse" in t_outs[0] else "tail", self.vocab_size)
-        if "sparse" in t_outs[0]:  # cached top-k targets: row j is the distribution of token j + 1
-            sparse = t_outs[0]["sparse"]
+                                term.missing_mass if sparse is not None else "tail", self.vocab_size)
+        if sparse is not None:  # cached top-k targets: row j is the distribution of token j + 1
             targets = SparseTargets(sparse.ids[:, :-1], sparse.logprobs[:, :-1], sparse.temperature)
         else:
             members = tuple(HiddenTargets(t["final_hidden"][:, :-1], lm_head_of(m))

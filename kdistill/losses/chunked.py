@@ -245,10 +245,11 @@ def chunked_distribution_losses(
     mask = check_mask(mask, lead, "chunked_distribution_loss")
     hidden = select_valid(student_hidden, mask, len(lead))
     n = hidden.shape[0]
-    counts = [float(n if t.num_valid is None else t.num_valid) for t in terms]
+    # loss_t = scale_t · Σ_rows divergence_t, scale_t = T² / max(num_valid_t, 1)
+    scales = [t.spec.t2 / max(float(n if t.num_valid is None else t.num_valid), 1.0) for t in terms]
     parts = [_Part(_teacher_rows(t.teacher, mask, len(lead), t.spec.temperature), t.spec,
-                   _check_term(t, student_head, lead), t.weight * t.spec.t2 / max(c, 1.0))
-             for t, c in zip(terms, counts)]
+                   _check_term(t, student_head, lead), t.weight * scale)
+             for t, scale in zip(terms, scales)]
     params = (hidden, student_head.weight, student_head.bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         total, sums = _ChunkedLoss.apply(*params, student_head, parts, chunk_size)
@@ -260,7 +261,7 @@ def chunked_distribution_losses(
                 logits = student_head.logits(hidden[a:stop])
                 sums += torch.stack([block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts])
         total = sum(p.coef * sums[i] for i, p in enumerate(parts))
-    values = [sums[i] * (p.spec.t2 / max(c, 1.0)) for i, (p, c) in enumerate(zip(parts, counts))]
+    values = [sums[i] * scale for i, scale in enumerate(scales)]
     return total, values
 
 

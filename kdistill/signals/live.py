@@ -30,8 +30,8 @@ class LiveTeachers:
                  vocab_plan: VocabPlan | None = None) -> None:
         pairs = list(models)
         total = sum(weight for _, weight in pairs)
-        models_ = [model if vocab_plan is None else trim_model(model, vocab_plan) for model, _ in pairs]
-        self.models = [model.eval().requires_grad_(False) for model in models_]
+        self.models = [(model if vocab_plan is None else trim_model(model, vocab_plan)).eval().requires_grad_(False)
+                       for model, _ in pairs]
         self.weights = [weight / total for _, weight in pairs]
         self.task = task
 
