@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ShapeError
+from kdistill.losses.closed_form import closed_form_chunk, has_closed_form
+from kdistill.losses.workspace import Workspace
 from kdistill.losses.reduce import check_mask, select_valid
 from kdistill.losses.response import (
     DistributionSpec,
@@ -53,11 +55,15 @@ class LMHead:
     def vocab(self) -> int:
         return self.weight.shape[0]
 
-    def project(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-        """(N, H) -> (N, V) pre-transform logits ``z = h Wᵀ + b``, optionally with stand-in tensors."""
+    def project(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                out: Tensor | None = None) -> Tensor:
+        """(N, H) -> (N, V) pre-transform logits ``z = h Wᵀ + b``, optionally with stand-in tensors,
+        written into ``out`` if given."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
 
     def transform(self, z: Tensor) -> Tensor:
         """Scaling and soft-capping: ``softcap · tanh(scale · z / softcap)``."""
@@ -95,26 +101,33 @@ class EnsembleHiddenTargets:
 Teacher = Tensor | SparseTargets | HiddenTargets | EnsembleHiddenTargets
 
 
-def _teacher_rows(
-    teacher: Teacher, mask: Tensor | None, lead_ndim: int, temperature: float
-) -> Callable[[int, int], Tensor | SparseTargets]:
-    """Return ``rows(a, b)`` giving the teacher targets of valid rows a:b (logits or sparse)."""
+TeacherRows = Callable[..., Tensor | SparseTargets]  # rows(a, b, workspace=None)
+
+
+def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int, temperature: float) -> TeacherRows:
+    """Return ``rows(a, b, workspace=None)`` giving the teacher targets of valid rows a:b (logits
+    or sparse); logits made from hidden states go into the workspace's buffer if one is given
+    (valid until the next call)."""
     if isinstance(teacher, SparseTargets):
         flat = teacher.select(mask, lead_ndim)
-        return flat.rows
+        return lambda a, b, workspace=None: flat.rows(a, b)
     if isinstance(teacher, EnsembleHiddenTargets):
         members = [_teacher_rows(m, mask, lead_ndim, temperature) for m in teacher.members]
-        return lambda a, b: mixture_logits([rows(a, b) for rows in members], list(teacher.weights), temperature)
+        return lambda a, b, workspace=None: mixture_logits(
+            [rows(a, b) for rows in members], list(teacher.weights), temperature)
     if isinstance(teacher, HiddenTargets):
         hidden = select_valid(teacher.hidden, mask, lead_ndim)
+        head = teacher.head
 
-        def rows(a: int, b: int) -> Tensor:
+        def rows(a: int, b: int, workspace: Workspace | None = None) -> Tensor:
+            out = None if workspace is None else workspace.get(
+                f"teacher_{id(head)}", b - a, head.vocab, head.weight.dtype, head.weight.device)
             with torch.no_grad():
-                return teacher.head.logits(hidden[a:b])
+                return head.transform(head.project(hidden[a:b], out=out))
 
         return rows
     logits = select_valid(teacher, mask, lead_ndim)
-    return lambda a, b: logits[a:b]
+    return lambda a, b, workspace=None: logits[a:b]
 
 
 CHUNK_LOGITS = 2**25  # logits per chunk by default: 128 MiB in fp32
@@ -142,7 +155,7 @@ class ChunkedTerm:
 
 @dataclass(frozen=True)
 class _Part:
-    rows: Callable[[int, int], Tensor | SparseTargets]
+    rows: TeacherRows
     spec: DistributionSpec
     vocab: int
     coef: float  # weight · T² / count: this term's factor in the fused loss
@@ -153,46 +166,66 @@ class _ChunkedLoss(torch.autograd.Function):
     scaled in backward. Outputs: the fused loss and, without gradient, each term's Σ_rows."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head, parts, chunk_size):  # type: ignore[override]
-        # Per chunk: z = h Wᵀ + b, g = ∂loss/∂z (autograd through transform + divergences only), then
+    def forward(ctx, hidden, weight, bias, head, parts, chunk_size, fast):  # type: ignore[override]
+        # Per chunk: z = h Wᵀ + b, g = ∂loss/∂z (in closed form where every term has one, see
+        # kdistill.losses.closed_form; else autograd through transform + divergences only), then
         # ∂h = g W, ∂W += gᵀ h (accumulated inside the GEMM: no extra pass over W), ∂b += Σ g.
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         h_all, w = hidden.detach(), weight.detach()
         b = None if bias is None else bias.detach()
         grad_h = torch.zeros_like(h_all) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        # ∂W is written by the first chunk's GEMM (no zero pass over V × H) unless there is none
+        new_grad_w = torch.empty if h_all.shape[0] else torch.zeros
+        grad_w = new_grad_w(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         sums = torch.zeros(len(parts), dtype=torch.float32, device=hidden.device)
+        workspace = Workspace()
         for a in range(0, h_all.shape[0], chunk_size):
             stop = min(a + chunk_size, h_all.shape[0])
             h = h_all[a:stop]
-            z = head.project(h, w, b).requires_grad_(True)  # (c, V)
-            with torch.enable_grad():
-                logits = head.transform(z)
-                terms = [block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts]
-                loss = sum(p.coef * t for p, t in zip(parts, terms))
-            (g,) = torch.autograd.grad(loss, z)
+            z = head.project(h, w, b, out=workspace.get("z", stop - a, w.shape[0], w.dtype, w.device))  # (c, V)
+            closed = closed_form_chunk(z, head, parts, a, stop, workspace) if fast else None
+            if closed is not None:
+                chunk_sums, g = closed
+            else:
+                z = z.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = head.transform(z)
+                    terms = [block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts]
+                    loss = sum(p.coef * t for p, t in zip(parts, terms))
+                (g,) = torch.autograd.grad(loss, z)
+                chunk_sums = torch.stack([t.detach() for t in terms])
+                del loss, logits, terms
             if need_h:
                 grad_h[a:stop] = g @ w
             if need_w:
-                grad_w.addmm_(g.t().float(), h.float())
+                if a == 0:
+                    torch.mm(g.t().float(), h.float(), out=grad_w)
+                else:
+                    grad_w.addmm_(g.t().float(), h.float())
             if need_b:
                 grad_b += g.sum(0).float()
-            sums += torch.stack([t.detach() for t in terms])
-            del z, g, loss, logits, terms
+            sums += chunk_sums
+            del z, g
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(sums)
+        ctx.backward_done = False
         coefs = torch.tensor([p.coef for p in parts], dtype=torch.float32, device=hidden.device)
         return (coefs * sums).sum(), sums
 
     @staticmethod
     def backward(ctx, grad_out, _grad_sums):  # type: ignore[override]
+        # The saved gradients are this graph's own: scaled in place (a fresh V × H tensor would cost
+        # its page faults), so a second backward through the same graph is refused.
+        if ctx.backward_done:
+            raise RuntimeError("chunked loss: backward through the same graph twice is not supported")
+        ctx.backward_done = True
         saved = iter(ctx.saved_tensors)
         out = []
         for need, dtype in zip(ctx.needs_input_grad[:3], ctx.dtypes):
-            out.append((next(saved) * grad_out).to(dtype) if need else None)
-        return (*out, None, None, None)
+            out.append(next(saved).mul_(grad_out).to(dtype) if need else None)
+        return (*out, None, None, None, None)
 
 
 def _check_term(term: ChunkedTerm, student_head: LMHead, lead: torch.Size) -> int:
@@ -252,7 +285,8 @@ def chunked_distribution_losses(
              for t, scale in zip(terms, scales)]
     params = (hidden, student_head.weight, student_head.bias)
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        total, sums = _ChunkedLoss.apply(*params, student_head, parts, chunk_size)
+        fast = all(has_closed_form(t.teacher, t.spec) for t in terms)
+        total, sums = _ChunkedLoss.apply(*params, student_head, parts, chunk_size, fast)
     else:
         sums = torch.zeros(len(parts), dtype=torch.float32, device=hidden.device)
         with torch.no_grad():

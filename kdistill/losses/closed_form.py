@@ -1,0 +1,130 @@
+"""Closed-form value and gradient of the common chunked response terms: no autograd graph.
+
+Per row, with student logits x at temperature T, q = softmax(x / T), s = log q, and the
+teacher's p (dense: softmax of its logits / T; sparse: p_k at ids k, P = Σ_k p_k ≤ 1):
+
+| term                                   | value               | ∂value / ∂x                    |
+|----------------------------------------|---------------------|--------------------------------|
+| ``forward_kl``, dense p                | Σ p (log p − s)     | (q − p) / T                    |
+| ``soft_ce``, dense p                   | −Σ p s              | (q − p) / T                    |
+| ``soft_ce``, sparse p, ``ignore``      | −Σ_k p_k s[k]       | (P q − Σ_k p_k e_k) / T        |
+
+Hard-label cross-entropy is the sparse case with one id and p = 1. The head's transform
+x = cap · tanh(scale · z / cap) is differentiated in closed form too: ∂z = ∂x · scale · (1 − (x/cap)²).
+
+A chunk of KD + CE then costs a few passes over its (c × V) logits (two log-softmaxes, two
+exps, one dot product, two in-place updates) instead of autograd's graph of masked ops and
+their backward, and keeps fewer (c × V) temporaries alive. Values equal
+:func:`kdistill.losses.response.block_loss_sum` and gradients equal autograd's to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from kdistill.losses.response import DistributionSpec, SparseTargets
+from kdistill.losses.workspace import Workspace
+
+if TYPE_CHECKING:
+    from kdistill.losses.chunked import LMHead
+
+
+class ChunkPart(Protocol):
+    """One term of a fused chunked pass, as :mod:`kdistill.losses.chunked` holds it."""
+
+    rows: Callable[..., Tensor | SparseTargets]  # rows(a, b, workspace)
+    spec: DistributionSpec
+    vocab: int
+    coef: float
+
+
+def has_closed_form(teacher: object, spec: DistributionSpec) -> bool:
+    """Whether a term with these targets and this divergence takes the closed-form path."""
+    sparse = isinstance(teacher, SparseTargets)
+    if spec.kind == "forward_kl":
+        return not sparse
+    if spec.kind == "soft_ce":
+        return not sparse or spec.missing_mass == "ignore"
+    return False
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """(c, V) · (c, V) → (c,) row-wise dot products in one pass (a batched GEMV, no temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def closed_form_chunk(
+    z: Tensor, head: LMHead, parts: Sequence[ChunkPart], a: int, stop: int, workspace: Workspace
+) -> tuple[Tensor, Tensor] | None:
+    """Values and gradient of one chunk of rows a:stop for terms that all have a closed form.
+
+    z: (c, V) pre-transform student logits of ``head`` (its scale and soft-cap still to apply);
+    parts: the terms (:func:`has_closed_form` true for each); workspace: scratch (c × V) buffers.
+    Returns ``(sums, grad)``: sums (n_parts,) fp32 = each term's Σ_rows value (no coefficient),
+    grad (c, V) = ∂(Σ_t coef_t · sums_t)/∂z in z's dtype, in a workspace buffer (valid until the
+    next chunk). Returns None where a value is not finite (−inf logits: 0 · ∞ needs the masked
+    autograd path).
+    """
+    x = head.transform(z).float()  # (c, V); z itself when fp32 without scale or cap
+    c, width = x.shape
+    sums = torch.zeros(len(parts), dtype=torch.float32, device=z.device)
+    grad: Tensor | None = None
+    groups: dict[tuple[float, int], list[int]] = {}
+    for i, part in enumerate(parts):
+        groups.setdefault((part.spec.temperature, part.vocab), []).append(i)
+    for g_index, ((temperature, vocab), members) in enumerate(groups.items()):
+        logq = workspace.get(f"logq{g_index}", c, vocab, torch.float32, x.device)
+        torch.log_softmax(_tempered(x[:, :vocab], temperature, workspace, "student"), -1, out=logq)
+        q_coef = torch.zeros(c, dtype=torch.float32, device=z.device)  # Σ_t coef_t / T · (1 or P)
+        dense: list[tuple[Tensor, float]] = []  # (p, coef / T): subtracted from the gradient
+        sparse: list[tuple[Tensor, Tensor]] = []  # (ids, −coef / T · p_k): scattered into it
+        for i in members:
+            part = parts[i]
+            weight = part.coef / temperature
+            target = part.rows(a, stop, workspace)
+            if isinstance(target, SparseTargets):
+                ids = target.ids.clamp_min(0)
+                p = target.logprobs.float().exp().masked_fill(target.ids < 0, 0.0)  # (c, k)
+                sums[i] = -(p * logq.gather(-1, ids)).sum()
+                q_coef += weight * p.sum(-1)
+                sparse.append((ids, p.mul_(-weight)))
+                continue
+            logp = workspace.get("logp", c, vocab, torch.float32, x.device)
+            torch.log_softmax(_tempered(target[:, :vocab].float(), temperature, workspace, "teacher"), -1, out=logp)
+            p = torch.exp(logp, out=workspace.get(f"p{i}", c, vocab, torch.float32, x.device))
+            if part.spec.kind == "forward_kl":
+                sums[i] = _rowdot(p, logp.sub_(logq)).clamp_min(0.0).sum()
+            else:
+                sums[i] = -_rowdot(p, logq).sum()
+            q_coef += weight
+            dense.append((p, weight))
+        g = logq.exp_().mul_(q_coef.unsqueeze(1))  # logq's buffer becomes this group's gradient
+        for p, weight in dense:
+            g.sub_(p, alpha=weight)
+        for ids, values in sparse:
+            g.scatter_add_(-1, ids, values)
+        if grad is None and vocab == width:
+            grad = g
+        else:
+            if grad is None:
+                grad = workspace.get("grad", c, width, torch.float32, x.device).zero_()
+            grad[:, :vocab] += g
+    if not bool(torch.isfinite(sums).all()):
+        return None
+    assert grad is not None  # at least one part
+    if head.softcap is not None:  # ∂x/∂z = scale · (1 − (x / cap)²)
+        grad.mul_(torch.square(x / head.softcap).neg_().add_(1.0))
+    if head.scale != 1.0:
+        grad.mul_(head.scale)
+    return sums, grad.to(z.dtype)
+
+
+def _tempered(x: Tensor, temperature: float, workspace: Workspace, name: str) -> Tensor:
+    """fp32 (c, V) logits / T, into a workspace buffer when T ≠ 1 (``x`` itself at T = 1)."""
+    if temperature == 1.0:
+        return x
+    return torch.div(x, temperature, out=workspace.get(f"tempered_{name}", x.shape[0], x.shape[1], x.dtype, x.device))
