@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from kdistill.errors import ShapeError
 from kdistill.losses.closed_form import closed_form_chunk, has_closed_form
-from kdistill.losses.workspace import Workspace
 from kdistill.losses.reduce import check_mask, select_valid
 from kdistill.losses.response import (
     DistributionSpec,
@@ -33,6 +32,7 @@ from kdistill.losses.response import (
     mixture_logits,
     shared_vocab_size,
 )
+from kdistill.losses.workspace import Workspace
 
 
 @dataclass(frozen=True)
