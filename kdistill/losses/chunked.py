@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ShapeError
 from kdistill.losses.closed_form import closed_form_chunk, has_closed_form
+from kdistill.losses.projection import project_into
 from kdistill.losses.reduce import check_mask, select_valid
 from kdistill.losses.response import (
     DistributionSpec,
@@ -57,13 +58,13 @@ class LMHead:
 
     def project(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
                 out: Tensor | None = None) -> Tensor:
-        """(N, H) -> (N, V) pre-transform logits ``z = h Wᵀ + b``, optionally with stand-in tensors,
-        written into ``out`` if given."""
+        """(N, H) -> (N, V) pre-transform logits ``z = h Wᵀ + b``, optionally with stand-in tensors;
+        into ``out`` if given (no autograd; vocabulary-blocked on a CPU, see ``project_into``)."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
+        if out is not None:
+            return project_into(hidden, weight, bias, out)
+        return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
     def transform(self, z: Tensor) -> Tensor:
         """Scaling and soft-capping: ``softcap · tanh(scale · z / softcap)``."""

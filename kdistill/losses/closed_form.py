@@ -7,9 +7,12 @@ teacher's p (dense: softmax of its logits / T; sparse: p_k at ids k, P = Σ_k p_
 |----------------------------------------|---------------------|--------------------------------|
 | ``forward_kl``, dense p                | Σ p (log p − s)     | (q − p) / T                    |
 | ``soft_ce``, dense p                   | −Σ p s              | (q − p) / T                    |
-| ``soft_ce``, sparse p, ``ignore``      | −Σ_k p_k s[k]       | (P q − Σ_k p_k e_k) / T        |
+| any kind, sparse p (any missing mass)  | F(s[ids])           | (Σ_k G_k e_k − (Σ_k G_k) q) / T |
 
-Hard-label cross-entropy is the sparse case with one id and p = 1. The head's transform
+For sparse targets the value F depends on the student only through its k log-probs at the
+target ids, so G = ∂F/∂s[ids] (c, k) comes from autograd on that small tensor (the same code as
+:func:`~kdistill.losses.response.block_loss_sum`), and ∂s[id]/∂x = (e_id − q)/T carries it to
+the logits. E.g. hard-label cross-entropy (one id, p = 1): G = −1, ∂ = (q − e_y)/T. The head's transform
 x = cap · tanh(scale · z / cap) is differentiated in closed form too: ∂z = ∂x · scale · (1 − (x/cap)²).
 
 A chunk of KD + CE then costs a few passes over its (c × V) logits (two log-softmaxes, two
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from kdistill.losses.response import DistributionSpec, SparseTargets
+from kdistill.losses.response import DistributionSpec, SparseTargets, per_position_divergence, support_logprobs
 from kdistill.losses.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -44,12 +47,7 @@ class ChunkPart(Protocol):
 
 def has_closed_form(teacher: object, spec: DistributionSpec) -> bool:
     """Whether a term with these targets and this divergence takes the closed-form path."""
-    sparse = isinstance(teacher, SparseTargets)
-    if spec.kind == "forward_kl":
-        return not sparse
-    if spec.kind == "soft_ce":
-        return not sparse or spec.missing_mass == "ignore"
-    return False
+    return isinstance(teacher, SparseTargets) or spec.kind in ("forward_kl", "soft_ce")
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -79,19 +77,24 @@ def closed_form_chunk(
     for g_index, ((temperature, vocab), members) in enumerate(groups.items()):
         logq = workspace.get(f"logq{g_index}", c, vocab, torch.float32, x.device)
         torch.log_softmax(_tempered(x[:, :vocab], temperature, workspace, "student"), -1, out=logq)
-        q_coef = torch.zeros(c, dtype=torch.float32, device=z.device)  # Σ_t coef_t / T · (1 or P)
+        q_coef = torch.zeros(c, dtype=torch.float32, device=z.device)  # Σ_t coef_t / T · (1 or −Σ_k G_k)
         dense: list[tuple[Tensor, float]] = []  # (p, coef / T): subtracted from the gradient
-        sparse: list[tuple[Tensor, Tensor]] = []  # (ids, −coef / T · p_k): scattered into it
+        sparse: list[tuple[Tensor, Tensor]] = []  # (ids, coef / T · G): scattered into it
         for i in members:
             part = parts[i]
             weight = part.coef / temperature
             target = part.rows(a, stop, workspace)
-            if isinstance(target, SparseTargets):
+            if isinstance(target, SparseTargets):  # autograd on the (c, k) support only
                 ids = target.ids.clamp_min(0)
-                p = target.logprobs.float().exp().masked_fill(target.ids < 0, 0.0)  # (c, k)
-                sums[i] = -(p * logq.gather(-1, ids)).sum()
-                q_coef += weight * p.sum(-1)
-                sparse.append((ids, p.mul_(-weight)))
+                s_sel = logq.gather(-1, ids).requires_grad_(True)
+                with torch.enable_grad():
+                    t, s = support_logprobs(s_sel, target, part.spec.missing_mass)
+                    value = per_position_divergence(t, s, part.spec.kind, beta=part.spec.beta,
+                                                    alpha=part.spec.alpha).sum()
+                (g_sel,) = torch.autograd.grad(value, s_sel)  # (c, k): ∂value/∂s at the ids
+                sums[i] = value.detach()
+                q_coef -= weight * g_sel.sum(-1)
+                sparse.append((ids, g_sel.mul_(weight)))
                 continue
             logp = workspace.get("logp", c, vocab, torch.float32, x.device)
             torch.log_softmax(_tempered(target[:, :vocab].float(), temperature, workspace, "teacher"), -1, out=logp)

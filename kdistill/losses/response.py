@@ -227,9 +227,16 @@ def sparse_logprobs(
 
     ``student_logp``: (N, V) full-vocabulary student log-probs; ``targets``: (N, k) rows.
     """
-    ids, t_sel = targets.ids, targets.logprobs.float()
-    unused = ids < 0
-    s_sel = student_logp.gather(-1, ids.clamp_min(0))
+    return support_logprobs(student_logp.gather(-1, targets.ids.clamp_min(0)), targets, missing_mass)
+
+
+def support_logprobs(s_sel: Tensor, targets: SparseTargets, missing_mass: str) -> tuple[Tensor, Tensor]:
+    """:func:`sparse_logprobs` from the student's log-probs already gathered at the target ids.
+
+    ``s_sel``: (N, k) student log-probs at ``targets.ids`` (any value where an id is −1).
+    """
+    t_sel = targets.logprobs.float()
+    unused = targets.ids < 0
     neg_inf = torch.full_like(s_sel, -math.inf)
     s_sel = torch.where(unused, neg_inf, s_sel)
     t_sel = torch.where(unused, neg_inf, t_sel)

@@ -67,6 +67,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, DataError, ShapeError
+from kdistill.losses.projection import project_into
 from kdistill.losses.response import SparseTargets
 from kdistill.models.heads import lm_head_of
 from kdistill.models.layers import config_layer_count, text_config
@@ -436,10 +437,7 @@ class _ShardWriter:
             self._logits = torch.empty(shape, dtype=head.weight.dtype, device=hidden.device)
             self._probs = torch.empty(shape, dtype=torch.float32, device=hidden.device)
         z = self._logits[:n]
-        if head.bias is None:
-            torch.mm(hidden, head.weight.t(), out=z)
-        else:
-            torch.addmm(head.bias, hidden, head.weight.t(), out=z)
+        project_into(hidden, head.weight, head.bias, z)  # vocabulary-blocked on a CPU
         if head.scale != 1.0:
             z.mul_(head.scale)
         if head.softcap is not None:  # as LMHead.transform: cap · tanh(z / cap)

@@ -53,6 +53,9 @@ def _case(seed: int, width: int, vocab: int, scale: float, softcap: float | None
     soft = SparseTargets(topk_ids, topk_values, temperature=temperatures[0])
     parts.append(_Part(soft, DistributionSpec("soft_ce", temperature=temperatures[0], missing_mass="ignore",
                                               vocab_size=vocab), vocab, 1.3))
+    for kind, missing_mass in (("forward_kl", "tail"), ("jsd", "renormalize"), ("reverse_kl", "tail")):
+        spec = DistributionSpec(kind, temperature=temperatures[0], missing_mass=missing_mass, vocab_size=vocab)
+        parts.append(_Part(soft, spec, vocab, 0.9))
     return z, head, parts
 
 
@@ -115,9 +118,8 @@ def test_which_terms_have_a_closed_form() -> None:
     assert has_closed_form(dense, DistributionSpec("forward_kl"))
     assert has_closed_form(hidden, DistributionSpec("forward_kl", temperature=2.0))
     assert has_closed_form(dense, DistributionSpec("soft_ce"))
-    assert has_closed_form(sparse, DistributionSpec("soft_ce", missing_mass="ignore"))
-    assert not has_closed_form(sparse, DistributionSpec("forward_kl"))  # tail bucket: autograd
-    assert not has_closed_form(sparse, DistributionSpec("soft_ce"))
+    for kind in ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "soft_ce"):
+        assert has_closed_form(sparse, DistributionSpec(kind))  # autograd on the (N, k) support only
     for kind in ("reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"):
         assert not has_closed_form(dense, DistributionSpec(kind))
 

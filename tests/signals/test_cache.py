@@ -322,3 +322,4 @@ def test_block_topk_equals_topk(vocab, k):
     assert torch.equal(values, z.topk(k, -1).values)
     assert torch.equal(z.gather(1, ids), values) and (ids[0].unique().numel() == k)
     assert torch.equal(ids[1:], z[1:].topk(k, -1).indices)
+

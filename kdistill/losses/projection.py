@@ -1,0 +1,40 @@
+"""Output-head GEMM into a given buffer, blocked over the vocabulary on a CPU.
+
+``out (n, V) = hidden (n, H) · weight (V, H)ᵀ + bias``. On a CPU one GEMM writing a whole
+(n, V) output runs well below the GEMM's speed on a cache-sized output, so the product is made
+``HEAD_BLOCK_CPU`` vocabulary rows at a time into a small (n, 2048) buffer (≤ 4 MiB, it stays in
+cache) and copied out. Measured on 2 cores, fp32, V = 262,144, H = 640, medians of 5:
+
+| rows n | one GEMM | blocked |
+|---|---|---|
+| 128 | 0.463 s | 0.315 s |
+| 512 | 1.54 s | 1.12 s |
+
+On other devices: one GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+HEAD_BLOCK_CPU = 2048  # vocabulary rows per GEMM on a CPU
+
+
+def project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """Write ``hidden · weightᵀ + bias`` into ``out`` (n, V) and return it (no autograd)."""
+    vocab = weight.shape[0]
+    if out.device.type != "cpu" or vocab <= 2 * HEAD_BLOCK_CPU:
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    block = torch.empty((hidden.shape[0], HEAD_BLOCK_CPU), dtype=out.dtype, device=out.device)
+    for v0 in range(0, vocab, HEAD_BLOCK_CPU):
+        v1 = min(v0 + HEAD_BLOCK_CPU, vocab)
+        part = block[:, : v1 - v0]
+        if bias is None:
+            torch.mm(hidden, weight[v0:v1].t(), out=part)
+        else:
+            torch.addmm(bias[v0:v1], hidden, weight[v0:v1].t(), out=part)
+        out[:, v0:v1].copy_(part)
+    return out
