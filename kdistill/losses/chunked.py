@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ShapeError
 from kdistill.losses.closed_form import closed_form_chunk, has_closed_form
-from kdistill.losses.projection import project_into
+from kdistill.losses.projection import matmul_dtype, project_into
 from kdistill.losses.reduce import check_mask, select_valid
 from kdistill.losses.response import (
     DistributionSpec,
@@ -122,7 +122,7 @@ def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int, tempera
 
         def rows(a: int, b: int, workspace: Workspace | None = None) -> Tensor:
             out = None if workspace is None else workspace.get(
-                f"teacher_{id(head)}", b - a, head.vocab, head.weight.dtype, head.weight.device)
+                f"teacher_{id(head)}", b - a, head.vocab, matmul_dtype(hidden, head.weight), head.weight.device)
             with torch.no_grad():
                 return head.transform(head.project(hidden[a:b], out=out))
 
@@ -184,7 +184,8 @@ class _ChunkedLoss(torch.autograd.Function):
         for a in range(0, h_all.shape[0], chunk_size):
             stop = min(a + chunk_size, h_all.shape[0])
             h = h_all[a:stop]
-            z = head.project(h, w, b, out=workspace.get("z", stop - a, w.shape[0], w.dtype, w.device))  # (c, V)
+            z_buffer = workspace.get("z", stop - a, w.shape[0], matmul_dtype(h, w), w.device)
+            z = head.project(h, w, b, out=z_buffer)  # (c, V)
             closed = closed_form_chunk(z, head, parts, a, stop, workspace) if fast else None
             if closed is not None:
                 chunk_sums, g = closed

@@ -21,20 +21,32 @@ from torch import Tensor
 HEAD_BLOCK_CPU = 2048  # vocabulary rows per GEMM on a CPU
 
 
+def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype ``hidden @ weight.t()`` computes in here: autocast's if it is on for the device
+    (e.g. bf16 mixed precision), else the promoted type of the two."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """Write ``hidden · weightᵀ + bias`` into ``out`` (n, V) and return it (no autograd)."""
-    vocab = weight.shape[0]
+    """Write ``hidden · weightᵀ + bias`` into ``out`` (n, V) and return it (no autograd); computed
+    in ``out.dtype`` (inputs cast to it, a block of the weight at a time)."""
+    vocab, dtype = weight.shape[0], out.dtype
+    hidden = hidden.to(dtype)
     if out.device.type != "cpu" or vocab <= 2 * HEAD_BLOCK_CPU:
+        weight = weight.to(dtype)
         if bias is None:
             return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
-    block = torch.empty((hidden.shape[0], HEAD_BLOCK_CPU), dtype=out.dtype, device=out.device)
+        return torch.addmm(bias.to(dtype), hidden, weight.t(), out=out)
+    block = torch.empty((hidden.shape[0], HEAD_BLOCK_CPU), dtype=dtype, device=out.device)
     for v0 in range(0, vocab, HEAD_BLOCK_CPU):
         v1 = min(v0 + HEAD_BLOCK_CPU, vocab)
-        part = block[:, : v1 - v0]
+        part, rows = block[:, : v1 - v0], weight[v0:v1].to(dtype)
         if bias is None:
-            torch.mm(hidden, weight[v0:v1].t(), out=part)
+            torch.mm(hidden, rows.t(), out=part)
         else:
-            torch.addmm(bias[v0:v1], hidden, weight[v0:v1].t(), out=part)
+            torch.addmm(bias[v0:v1].to(dtype), hidden, rows.t(), out=part)
         out[:, v0:v1].copy_(part)
     return out

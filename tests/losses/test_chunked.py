@@ -97,6 +97,23 @@ def test_chunked_bfloat16_hidden_states() -> None:
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
 
 
+@pytest.mark.parametrize("vocab", [50, 5000])  # one GEMM; vocabulary-blocked GEMM
+def test_chunked_under_bfloat16_autocast_with_fp32_heads(vocab: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(16, 16)
+    x, tx = torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    head = LMHead(torch.randn(vocab, 16, generator=g).requires_grad_(True))
+    t_head = LMHead(torch.randn(vocab, 16, generator=g))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, t_hidden = layer(x), layer(tx)  # bf16 activations, fp32 weights
+        loss = chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, t_head), chunk_size=5)
+    loss.backward()
+    assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    ref = chunked_distribution_loss(hidden.detach().float(), LMHead(head.weight.detach()),
+                                    HiddenTargets(t_hidden.detach().float(), t_head))
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
 def test_chunked_shape_errors() -> None:
     hidden, head, t_hidden, t_head, mask = _setup(seed=5)
     with pytest.raises(ShapeError, match="hidden width"):
