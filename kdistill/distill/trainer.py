@@ -27,6 +27,7 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import get_scheduler
 
+from kdistill.distill.memory import return_free_memory
 from kdistill.distill.checkpoint import (
     TrainerState,
     best_path,
@@ -150,6 +151,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     acc = accelerator or make_accelerator(cfg.bf16)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     torch.manual_seed(cfg.seed)
+    return_free_memory()  # e.g. what loading the teacher and building the student left behind
 
     # -- data plan
     per_device, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps

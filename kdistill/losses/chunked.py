@@ -102,33 +102,33 @@ class EnsembleHiddenTargets:
 Teacher = Tensor | SparseTargets | HiddenTargets | EnsembleHiddenTargets
 
 
-TeacherRows = Callable[..., Tensor | SparseTargets]  # rows(a, b, workspace=None)
+TeacherRows = Callable[..., Tensor | SparseTargets]  # rows(a, b, workspace=None, name="teacher")
 
 
 def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int, temperature: float) -> TeacherRows:
-    """Return ``rows(a, b, workspace=None)`` giving the teacher targets of valid rows a:b (logits
-    or sparse); logits made from hidden states go into the workspace's buffer if one is given
-    (valid until the next call)."""
+    """Return ``rows(a, b, workspace=None, name="teacher")`` giving the teacher targets of valid
+    rows a:b (logits or sparse); logits made from hidden states go into the workspace's buffer
+    ``name`` if a workspace is given (valid until that buffer's next use)."""
     if isinstance(teacher, SparseTargets):
         flat = teacher.select(mask, lead_ndim)
-        return lambda a, b, workspace=None: flat.rows(a, b)
+        return lambda a, b, workspace=None, name="teacher": flat.rows(a, b)
     if isinstance(teacher, EnsembleHiddenTargets):
         members = [_teacher_rows(m, mask, lead_ndim, temperature) for m in teacher.members]
-        return lambda a, b, workspace=None: mixture_logits(
+        return lambda a, b, workspace=None, name="teacher": mixture_logits(
             [rows(a, b) for rows in members], list(teacher.weights), temperature)
     if isinstance(teacher, HiddenTargets):
         hidden = select_valid(teacher.hidden, mask, lead_ndim)
         head = teacher.head
 
-        def rows(a: int, b: int, workspace: Workspace | None = None) -> Tensor:
+        def rows(a: int, b: int, workspace: Workspace | None = None, name: str = "teacher") -> Tensor:
             out = None if workspace is None else workspace.get(
-                f"teacher_{id(head)}", b - a, head.vocab, matmul_dtype(hidden, head.weight), head.weight.device)
+                name, b - a, head.vocab, matmul_dtype(hidden, head.weight), head.weight.device)
             with torch.no_grad():
                 return head.transform(head.project(hidden[a:b], out=out))
 
         return rows
     logits = select_valid(teacher, mask, lead_ndim)
-    return lambda a, b, workspace=None: logits[a:b]
+    return lambda a, b, workspace=None, name="teacher": logits[a:b]
 
 
 CHUNK_LOGITS = 2**25  # logits per chunk by default: 128 MiB in fp32
@@ -189,8 +189,8 @@ class _ChunkedLoss(torch.autograd.Function):
             closed = closed_form_chunk(z, head, parts, a, stop, workspace) if fast else None
             if closed is not None:
                 chunk_sums, g = closed
-            else:
-                z = z.detach().requires_grad_(True)
+            else:  # z again: the closed form may have overwritten its buffer
+                z = head.project(h, w, b, out=z_buffer).detach().requires_grad_(True)
                 with torch.enable_grad():
                     logits = head.transform(z)
                     terms = [block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts]

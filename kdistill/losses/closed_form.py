@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 class ChunkPart(Protocol):
     """One term of a fused chunked pass, as :mod:`kdistill.losses.chunked` holds it."""
 
-    rows: Callable[..., Tensor | SparseTargets]  # rows(a, b, workspace)
+    rows: Callable[..., Tensor | SparseTargets]  # rows(a, b, workspace, name)
     spec: DistributionSpec
     vocab: int
     coef: float
@@ -60,12 +60,16 @@ def closed_form_chunk(
 ) -> tuple[Tensor, Tensor] | None:
     """Values and gradient of one chunk of rows a:stop for terms that all have a closed form.
 
-    z: (c, V) pre-transform student logits of ``head`` (its scale and soft-cap still to apply);
-    parts: the terms (:func:`has_closed_form` true for each); workspace: scratch (c × V) buffers.
-    Returns ``(sums, grad)``: sums (n_parts,) fp32 = each term's Σ_rows value (no coefficient),
-    grad (c, V) = ∂(Σ_t coef_t · sums_t)/∂z in z's dtype, in a workspace buffer (valid until the
-    next chunk). Returns None where a value is not finite (−inf logits: 0 · ∞ needs the masked
-    autograd path).
+    z: (c, V) pre-transform student logits of ``head`` (its scale and soft-cap still to apply), a
+    workspace buffer that may be overwritten; parts: the terms (:func:`has_closed_form` true for
+    each); workspace: scratch buffers. Returns ``(sums, grad)``: sums (n_parts,) fp32 = each
+    term's Σ_rows value (no coefficient), grad (c, V) = ∂(Σ_t coef_t · sums_t)/∂z in z's dtype,
+    in a workspace buffer (valid until the next chunk). Returns None where a value is not finite
+    (−inf logits: 0 · ∞ needs the masked autograd path).
+
+    Memory: on a CPU the log-softmaxes run in place in buffers this pass owns, and p = exp(log p)
+    overwrites log p a few rows at a time, so the usual KD + CE chunk holds two (c × V) buffers
+    (student logits → log q → gradient; teacher logits → log p → p).
     """
     x = head.transform(z).float()  # (c, V); z itself when fp32 without scale or cap
     c, width = x.shape
@@ -74,16 +78,20 @@ def closed_form_chunk(
     groups: dict[tuple[float, int], list[int]] = {}
     for i, part in enumerate(parts):
         groups.setdefault((part.spec.temperature, part.vocab), []).append(i)
+    # x may be overwritten by the one group's log q unless the soft-cap's derivative needs it
+    x_free = len(groups) == 1 and head.softcap is None
     for g_index, ((temperature, vocab), members) in enumerate(groups.items()):
-        logq = workspace.get(f"logq{g_index}", c, vocab, torch.float32, x.device)
-        torch.log_softmax(_tempered(x[:, :vocab], temperature, workspace, "student"), -1, out=logq)
+        xs = x[:, :vocab]
+        src = _tempered(xs, temperature, workspace, f"tempered_student{g_index}")
+        may_overwrite = src is not xs or (x_free and vocab == width)
+        logq = _log_softmax(src, may_overwrite, workspace, f"logq{g_index}")
         q_coef = torch.zeros(c, dtype=torch.float32, device=z.device)  # Σ_t coef_t / T · (1 or −Σ_k G_k)
         dense: list[tuple[Tensor, float]] = []  # (p, coef / T): subtracted from the gradient
         sparse: list[tuple[Tensor, Tensor]] = []  # (ids, coef / T · G): scattered into it
         for i in members:
             part = parts[i]
             weight = part.coef / temperature
-            target = part.rows(a, stop, workspace)
+            target = part.rows(a, stop, workspace, f"target{i}")
             if isinstance(target, SparseTargets):  # autograd on the (c, k) support only
                 ids = target.ids.clamp_min(0)
                 s_sel = logq.gather(-1, ids).requires_grad_(True)
@@ -96,15 +104,13 @@ def closed_form_chunk(
                 q_coef -= weight * g_sel.sum(-1)
                 sparse.append((ids, g_sel.mul_(weight)))
                 continue
-            logp = workspace.get("logp", c, vocab, torch.float32, x.device)
-            torch.log_softmax(_tempered(target[:, :vocab].float(), temperature, workspace, "teacher"), -1, out=logp)
-            p = torch.exp(logp, out=workspace.get(f"p{i}", c, vocab, torch.float32, x.device))
-            if part.spec.kind == "forward_kl":
-                sums[i] = _rowdot(p, logp.sub_(logq)).clamp_min(0.0).sum()
-            else:
-                sums[i] = -_rowdot(p, logq).sum()
+            t_src = target[:, :vocab].float()
+            t_src = _tempered(t_src, temperature, workspace, f"tempered_target{i}")
+            owned = workspace.owns(t_src) and t_src.is_contiguous()
+            logp = _log_softmax(t_src, owned, workspace, f"logp{i}")
+            sums[i] = _dense_value(logp, logq, part.spec.kind == "forward_kl", workspace)  # logp → p
             q_coef += weight
-            dense.append((p, weight))
+            dense.append((logp, weight))
         g = logq.exp_().mul_(q_coef.unsqueeze(1))  # logq's buffer becomes this group's gradient
         for p, weight in dense:
             g.sub_(p, alpha=weight)
@@ -130,4 +136,33 @@ def _tempered(x: Tensor, temperature: float, workspace: Workspace, name: str) ->
     """fp32 (c, V) logits / T, into a workspace buffer when T ≠ 1 (``x`` itself at T = 1)."""
     if temperature == 1.0:
         return x
-    return torch.div(x, temperature, out=workspace.get(f"tempered_{name}", x.shape[0], x.shape[1], x.dtype, x.device))
+    return torch.div(x, temperature, out=workspace.get(name, x.shape[0], x.shape[1], x.dtype, x.device))
+
+
+def _log_softmax(src: Tensor, may_overwrite: bool, workspace: Workspace, name: str) -> Tensor:
+    """Row log-softmax of (c, V) ``src``: in place where allowed on a CPU (bit-identical there),
+    else into the workspace buffer ``name``."""
+    if may_overwrite and src.device.type == "cpu" and src.is_contiguous():
+        return torch.log_softmax(src, -1, out=src)
+    return torch.log_softmax(src, -1, out=workspace.get(name, src.shape[0], src.shape[1], torch.float32, src.device))
+
+
+ROW_BLOCK_ELEMENTS = 2**21  # 8 MiB of fp32 per row block: stays in cache
+
+
+def _dense_value(logp: Tensor, logq: Tensor, kl: bool, workspace: Workspace) -> Tensor:
+    """Σ_rows of Σ p (log p − log q) (``kl``) or −Σ p log q, turning ``logp``'s buffer into p.
+
+    Runs a block of rows at a time (``ROW_BLOCK_ELEMENTS``) through one small buffer, so p needs
+    no (c × V) buffer of its own. Returns a 0-dim fp32 tensor.
+    """
+    c, vocab = logp.shape
+    step = max(1, min(c, ROW_BLOCK_ELEMENTS // max(vocab, 1)))
+    scratch = workspace.get("p_rows", step, vocab, torch.float32, logp.device)
+    total = torch.zeros((), dtype=torch.float32, device=logp.device)
+    for r in range(0, c, step):
+        lp, lq = logp[r : r + step], logq[r : r + step]
+        p = torch.exp(lp, out=scratch[: lp.shape[0]])
+        total += _rowdot(p, lp.sub_(lq)).clamp_min(0.0).sum() if kl else -_rowdot(p, lq).sum()
+        lp.copy_(p)
+    return total

@@ -24,6 +24,7 @@ class Workspace:
             buf = self._buffers[name] = torch.empty((rows, cols), dtype=dtype, device=device)
         return buf[:rows]
 
-    def like(self, name: str, tensor: Tensor) -> Tensor:
-        """A buffer with ``tensor``'s (rows, cols), dtype and device."""
-        return self.get(name, tensor.shape[0], tensor.shape[1], tensor.dtype, tensor.device)
+    def owns(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` lives in one of this workspace's buffers (so it may be overwritten)."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(buf.untyped_storage().data_ptr() == ptr for buf in self._buffers.values())

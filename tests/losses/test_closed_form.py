@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kdistill.losses import HiddenTargets, LMHead, SparseTargets, chunked_distribution_loss
+from kdistill.losses import HiddenTargets, LMHead, SparseTargets, chunked_distribution_loss, distribution_loss
+from kdistill.losses.chunked import ChunkedTerm, chunked_distribution_losses
 from kdistill.losses.closed_form import closed_form_chunk, has_closed_form
 from kdistill.losses.response import DistributionSpec, block_loss_sum
 from kdistill.losses.workspace import Workspace
@@ -21,7 +22,7 @@ class _Part:
     vocab: int
     coef: float
 
-    def rows(self, a: int, b: int, workspace: Workspace | None = None):
+    def rows(self, a: int, b: int, workspace: Workspace | None = None, name: str = "teacher"):
         if isinstance(self.target, SparseTargets):
             return SparseTargets(self.target.ids[a:b], self.target.logprobs[a:b], self.target.temperature)
         return self.target[a:b]
@@ -70,7 +71,7 @@ def _case(seed: int, width: int, vocab: int, scale: float, softcap: float | None
 )
 def test_closed_form_equals_autograd(width, vocab, scale, softcap, temperatures) -> None:
     z, head, parts = _case(0, width, vocab, scale, softcap, temperatures)
-    result = closed_form_chunk(z, head, parts, 0, z.shape[0], Workspace())
+    result = closed_form_chunk(z.clone(), head, parts, 0, z.shape[0], Workspace())  # z may be overwritten
     assert result is not None
     sums, grad = result
     ref_sums, ref_grad = _autograd(z, head, parts)
@@ -84,7 +85,7 @@ def test_closed_form_is_zero_when_student_equals_teacher() -> None:
     g = torch.Generator().manual_seed(3)
     z = torch.randn(5, 30, generator=g)
     parts = [_Part(z.clone(), DistributionSpec("forward_kl", temperature=t), 30, 1.0) for t in (1.0, 2.0)]
-    sums, grad = closed_form_chunk(z, LMHead(torch.zeros(30, 2)), parts, 0, 5, Workspace())
+    sums, grad = closed_form_chunk(z.clone(), LMHead(torch.zeros(30, 2)), parts, 0, 5, Workspace())
     assert sums.abs().max() < 1e-5
     assert grad.abs().max() < 1e-6
 
@@ -131,3 +132,28 @@ def test_second_backward_through_the_chunked_loss_is_refused() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_in_place_buffers_keep_each_terms_targets(temperature: float) -> None:
+    """T = 1, no soft-cap: log-softmaxes run in place in the chunk's buffers; two dense terms on
+    the same teacher and a hard-label CE must still each see their own targets."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    head = LMHead(torch.randn(5000, 8, generator=g).requires_grad_(True))
+    teacher = HiddenTargets(torch.randn(2, 9, 8, generator=g), LMHead(torch.randn(5000, 8, generator=g)))
+    labels = torch.randint(0, 5000, (2, 9, 1), generator=g)
+    ce = SparseTargets(labels, torch.zeros(2, 9, 1))
+    specs = [DistributionSpec("forward_kl", temperature=temperature), DistributionSpec("soft_ce", temperature=temperature)]
+    terms = [ChunkedTerm(teacher, specs[0]), ChunkedTerm(teacher, specs[1], weight=0.5),
+             ChunkedTerm(ce, DistributionSpec("soft_ce", missing_mass="ignore"), weight=2.0)]
+    total, values = chunked_distribution_losses(hidden, head, terms, chunk_size=4)
+    (got,) = torch.autograd.grad(total, hidden)
+    logits = head.logits(hidden.reshape(-1, 8)).reshape(2, 9, -1)
+    t_logits = teacher.head.logits(teacher.hidden.reshape(-1, 8)).reshape(2, 9, -1)
+    ref = [distribution_loss(logits, t_logits, kind=s.kind, temperature=temperature) for s in specs]
+    ref.append(distribution_loss(logits, ce, kind="soft_ce", missing_mass="ignore"))
+    for v, r in zip(values, ref):
+        assert v.item() == pytest.approx(r.item(), rel=1e-5)
+    (want,) = torch.autograd.grad(ref[0] + 0.5 * ref[1] + 2.0 * ref[2], hidden)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
