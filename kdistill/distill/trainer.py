@@ -27,7 +27,6 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from kdistill.distill.memory import return_free_memory
 from kdistill.distill.checkpoint import (
     TrainerState,
     best_path,
@@ -46,6 +45,7 @@ from kdistill.distill.distiller import (
     hard_ce,
     position_masks,
 )
+from kdistill.distill.memory import return_free_memory
 from kdistill.errors import ConfigError
 from kdistill.models.outputs import forward_outputs
 from kdistill.recipe import TermSpec, TrainingSpec
