@@ -2,7 +2,7 @@
 
 On a CPU a fresh (c × V) tensor costs page faults on first touch: writing a new 128 MiB tensor
 (``x.exp()``) took 3.5× as long as writing into an existing one (``torch.exp(x, out=buf)``),
-48 vs 15 ms for 128 × 262,144 fp32 on 2 cores. Buffers are made for the first (largest) chunk
+53 vs 15 ms for 128 × 262,144 fp32 on 2 cores. Buffers are made for the first (largest) chunk
 and sliced for the rest, and live as long as the :class:`Workspace` (one loss call).
 """
 
