@@ -9,17 +9,14 @@ A no-op where the C library has no ``malloc_trim`` (macOS, musl, Windows).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 
 
 def return_free_memory() -> bool:
     """Collect garbage and trim the C heap; True if ``malloc_trim`` ran."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
+    try:  # the process's own symbols, libc's among them: no library search (no subprocess)
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return False
     if trim is None:

@@ -74,9 +74,9 @@ class LMHead:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """(N, H) -> (N, V) logits."""
-        return self.transform(self.project(hidden))
+    def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """(N, H) -> (N, V) logits; the product written into ``out`` if given (see ``project``)."""
+        return self.transform(self.project(hidden, out=out))
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int, tempera
             out = None if workspace is None else workspace.get(
                 name, b - a, head.vocab, matmul_dtype(hidden, head.weight), head.weight.device)
             with torch.no_grad():
-                return head.transform(head.project(hidden[a:b], out=out))
+                return head.logits(hidden[a:b], out=out)
 
         return rows
     logits = select_valid(teacher, mask, lead_ndim)
