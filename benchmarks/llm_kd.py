@@ -1,7 +1,8 @@
 """Benchmark: causal-LM KD four ways, same teacher, student, data, batch, optimizer and steps.
 
-Teacher: the packaged Gemma 3 270M (fp32). Student: 6 of its 18 layers (uniform). Data: SST-2
-sentences (``../shared/data/sst2/sentences-train.txt``, shuffled with a fixed seed) packed into
+Teacher: the packaged Gemma 3 270M, fp32 (``--teacher-dtype bfloat16``: its body in bf16, head and
+logits fp32, see ``kdistill.models.precision``; TRL gets the same teacher object). Student: 6 of
+its 18 layers (uniform). Data: SST-2 sentences (``../shared/data/sst2/sentences-train.txt``, shuffled with a fixed seed) packed into
 rows of up to ``--max-length`` Gemma tokens (so a batch is ~``batch × max_length`` real tokens,
 as in LM pre-training); a held-out set of rows from sentences not used for training. Forward KL
 at T = 1 (+ hard-label CE, weight ``--ce-weight``, for kdistill), AdamW at a constant learning
@@ -30,6 +31,7 @@ the same number of steps.
 
     python benchmarks/llm_kd.py                                 # both vocabularies (~50 min, 2 CPU cores)
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
+    python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
 
 Targets (issue 4): (b) ≤ 1.15× the step time of (c); (a) and (b) ≥ 1.5× the tokens/s of (d) at
 ≤ 0.5× its peak memory; the KD students beat the SFT student on held-out perplexity.
@@ -109,7 +111,7 @@ def _recipe_text(case: str, vocab: str, out: Path, train: Path, held: Path, args
 name: llm-kd-{vocab}-{case}
 task: causal
 output_dir: {out / vocab / case}
-teacher: {TEACHER}
+teacher: {{model: {TEACHER}, dtype: {args.teacher_dtype}}}
 student:
   init_from_teacher: {{strategy: uniform, num_layers: 6{trim}}}
 data:
@@ -265,9 +267,13 @@ def main() -> None:
     parser.add_argument("--ce-weight", type=float, default=1.0,
                         help="weight of the hard-label CE added to forward KL in (a) and (b), as in "
                              "recipes/gemma-kd.yaml (0: KL only, as TRL's GKD loss)")
+    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the teacher's precision (recipe teacher.dtype) for every case, TRL's included: "
+                             "bfloat16 runs its body in bf16, head and logits in fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")
+    parser.add_argument("--results", default="benchmarks/results/llm_kd.json")
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
@@ -286,7 +292,7 @@ def main() -> None:
             rows.append(queue.get() if proc.exitcode == 0 else {"case": case, "error": f"exit code {proc.exitcode}"})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "quality"}), flush=True)
         results[vocab] = {"steps": vocab_args.steps, "rows": rows, "targets": _report(vocab, rows, vocab_args)}
-    path = Path("benchmarks/results/llm_kd.json")
+    path = Path(args.results)
     path.write_text(json.dumps({"config": vars(args), "results": results}, indent=2, default=str))
     print(f"wrote {path}")
 

@@ -28,10 +28,14 @@ class _Strict(BaseModel):
 
 
 class TeacherSpec(_Strict):
-    """A teacher: a model reference (hub id, local dir or alias) and its weight in an ensemble."""
+    """A teacher: a model reference (hub id, local dir or alias), its weight in an ensemble, and the
+    precision its body runs in (``bfloat16``: bf16 weights and autocast, head and logits fp32; see
+    ``kdistill.models.precision``). ``kdistill cache`` and a live teacher both honour ``dtype``; a
+    cache's manifest hashes the weights as run, so a cache refuses a recipe with the other dtype."""
 
     model: str
     weight: float = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class VocabSpec(_Strict):

@@ -22,6 +22,7 @@ from kdistill.distill.distiller import _family
 from kdistill.distill.trainer import TrainJob, TrainResult, make_accelerator, train
 from kdistill.errors import ConfigError, DataError
 from kdistill.models.layers import find_layer_stack, select_layers
+from kdistill.models.precision import set_inference_precision
 from kdistill.models.resolve import load_model, load_tokenizer
 from kdistill.models.student import count_parameters, student_from_teacher
 from kdistill.recipe import Recipe, SplitSpec, dump_recipe
@@ -126,7 +127,8 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
         from kdistill.signals.cache import hash_examples, hash_model, hash_tokenizer, open_cache
         from kdistill.signals.cached import CachedTeacher
 
-        expect = {"teacher_sha256": hash_model(teacher_models[0]),
+        teacher = set_inference_precision(teacher_models[0], recipe.teachers[0].dtype)  # as kdistill cache ran it
+        expect = {"teacher_sha256": hash_model(teacher),
                   "tokenizer_sha256": hash_tokenizer(load_tokenizer(recipe.teachers[0].model,
                                                                     trust_remote_code=recipe.trust_remote_code)),
                   "data_sha256": hash_examples(teacher_examples), "k": recipe.signal.k,
@@ -134,7 +136,8 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
         cache = open_cache(recipe.cache_dir, expect=expect)
         teachers = CachedTeacher(cache, None if plan is None else plan.old_to_new)
     elif teacher_models and any(t.kind != "ce" for t in recipe.objective):
-        teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task, plan)
+        teachers = LiveTeachers(zip(teacher_models, [t.weight for t in recipe.teachers]), recipe.task, plan,
+                                dtypes=[t.dtype for t in recipe.teachers])
     else:  # no teacher, or one that only initialised the student: not held during training
         teachers = None
     collator = Collator(tokenizer, recipe.task, mlm_probability=data.mlm_probability)
@@ -190,6 +193,7 @@ def run_cache(recipe: Recipe, progress=None) -> dict:
     tokenizer = load_tokenizer(recipe.teachers[0].model, trust_remote_code=recipe.trust_remote_code)
     examples = _format(recipe, labels).encode(rows, tokenizer, source_name=recipe.data.train.source)
     teacher = load_model(recipe.teachers[0].model, "causal", trust_remote_code=recipe.trust_remote_code)
+    teacher = set_inference_precision(teacher, recipe.teachers[0].dtype)
     signal = recipe.signal
     manifest = write_cache(recipe.cache_dir, teacher, tokenizer, examples, k=signal.k,
                            temperature=signal.temperature, batch_size=signal.batch_size,

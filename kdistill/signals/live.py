@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.models.outputs import forward_outputs
+from kdistill.models.precision import Precision, own_memory, set_inference_precision
 from kdistill.models.vocab import VocabPlan, trim_model
 
 
@@ -24,16 +25,33 @@ class LiveTeachers:
     and their distribution is renormalised over the kept tokens,
     ``p_T(v | kept) = exp(z_v) / Σ_{u kept} exp(z_u)``, without holding or multiplying the
     dropped rows (for Gemma 3: 262,144 → the corpus's tokens).
+
+    dtypes: each teacher's inference precision (see :mod:`kdistill.models.precision`; None or
+    float32: as loaded). A trimmed teacher, or one whose precision changed, is then copied out of
+    the memory-mapped checkpoint (:func:`~kdistill.models.precision.own_memory`), so the pages of
+    the rows and weights it no longer uses are not kept resident.
     """
 
     def __init__(self, models: Iterable[tuple[nn.Module, float]], task: str,
-                 vocab_plan: VocabPlan | None = None) -> None:
+                 vocab_plan: VocabPlan | None = None, dtypes: Iterable[Precision | None] | None = None) -> None:
         pairs = list(models)
+        precisions = list(dtypes) if dtypes is not None else [None] * len(pairs)
+        if len(precisions) != len(pairs):
+            raise ValueError(f"{len(pairs)} teachers but {len(precisions)} dtypes")
         total = sum(weight for _, weight in pairs)
-        self.models = [(model if vocab_plan is None else trim_model(model, vocab_plan)).eval().requires_grad_(False)
-                       for model, _ in pairs]
+        self.models = [self._prepare(model, vocab_plan, dtype) for (model, _), dtype in zip(pairs, precisions)]
         self.weights = [weight / total for _, weight in pairs]
         self.task = task
+
+    @staticmethod
+    def _prepare(model: nn.Module, vocab_plan: VocabPlan | None, dtype: Precision | None) -> nn.Module:
+        if vocab_plan is not None:
+            model = trim_model(model, vocab_plan)
+        if dtype not in (None, "float32"):
+            model = set_inference_precision(model, dtype)
+        if vocab_plan is not None or dtype not in (None, "float32"):
+            model = own_memory(model)
+        return model.eval().requires_grad_(False)
 
     def to(self, device: torch.device | str) -> LiveTeachers:
         self.models = [model.to(device) for model in self.models]

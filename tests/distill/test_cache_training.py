@@ -117,3 +117,42 @@ def test_live_teacher_of_a_trimmed_student_is_trimmed_to_the_kept_tokens(tmp_pat
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[mask].sum() / counts.labels
     assert float(loss.detach()) == pytest.approx(float(kl), rel=1e-5)
     assert float(F.mse_loss(t_logp, s_logp)) > 0  # a real comparison, not two copies of one model
+
+
+def test_bf16_teacher_live_and_cached(tmp_path, tiny_assets) -> None:
+    """``teacher: {dtype: bfloat16}``: the live teacher's body runs in bf16 (the student stays
+    fp32) and its first-step loss is close to the fp32 teacher's; a cache written by the bf16
+    teacher trains, and refuses the fp32 teacher's recipe by its teacher hash."""
+    from kdistill.distill.distiller import Distiller, StepCounts, StudentModule, batch_counts
+    from kdistill.distill.pipeline import build_job
+
+    gpt2 = str(tiny_assets["gpt2"])
+
+    def bf16(text: str) -> str:
+        return text.replace(f"teacher: {gpt2}", f"teacher: {{model: {gpt2}, dtype: bfloat16}}")
+
+    live = _cached_recipe(tmp_path, tiny_assets, name="live-bf16").replace(
+        "signal: {source: cache, k: 8, shard_size: 32}\n", "")
+    losses = {}
+    for name, text in {"fp32": live, "bf16": bf16(live)}.items():
+        job, *_ = build_job(parse_recipe(text))
+        (teacher,) = job.teachers.models
+        body = {p.dtype for n, p in teacher.named_parameters() if ".h.0.mlp" in n}
+        assert body == {torch.float32 if name == "fp32" else torch.bfloat16}
+        assert {p.dtype for p in job.student.parameters()} == {torch.float32}
+        batch = job.collator(job.train_examples[:4])
+        counts = StepCounts(**{k: float(v) for k, v in batch_counts(batch, "causal").items()})
+        torch.manual_seed(0)
+        loss, _ = Distiller(StudentModule(job.student, "causal"), job.teachers, job.terms[:1], "causal")(batch, counts)
+        losses[name] = float(loss.detach())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2) and losses["bf16"] != losses["fp32"]
+
+    cached = parse_recipe(bf16(_cached_recipe(tmp_path, tiny_assets, name="cached-bf16")))
+    run_cache(cached)
+    run_distill(cached, progress=False)
+    records = [json.loads(x) for x in (tmp_path / "cached-bf16" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["forward_kl"] for r in records if "forward_kl" in r]
+    assert kl[-1] < kl[0]
+    fp32 = parse_recipe(_cached_recipe(tmp_path, tiny_assets, name="cached-bf16"))
+    with pytest.raises(ConfigError, match="teacher_sha256"):
+        build_job(fp32)

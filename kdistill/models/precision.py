@@ -1,0 +1,78 @@
+"""A frozen teacher's inference precision, and teacher weights that own their memory.
+
+``bfloat16``: the body's ``nn.Linear`` weights are stored in bf16 and the body (the transformer
+``base_model``) runs under bf16 autocast, so its GEMMs run in bf16 (on a CPU with AVX512-BF16 or
+AMX, and on GPUs, several times faster than fp32) while norms, softmaxes and the residual stream
+stay fp32 as autocast keeps them. The embeddings and the output head keep their dtype (fp32), so
+logits and the loss's teacher rows are computed in fp32 from an fp32 final hidden state. Whoever
+calls the model (kdistill's loss, ``kdistill cache``, another trainer) gets the same behaviour.
+
+Measured on 2 CPU cores (AMD EPYC, AVX512-BF16), a (1024 × 640) · (640 × 2048) · (2048 × 640)
+pair of Linears: 57.6 ms in fp32, 13.4 ms in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from kdistill.errors import ModelError
+
+Precision = Literal["float32", "bfloat16"]
+
+
+def set_inference_precision(model: nn.Module, precision: Precision | None) -> nn.Module:
+    """Run ``model``'s body in ``precision`` (in place; None or float32: unchanged). Returns it.
+
+    The body is ``model.base_model`` (the model itself when it has no head); its Linear (and
+    GPT-2 Conv1D) weights become bf16 except any that is the output head's or an embedding's
+    (tied or not), and its ``forward`` runs
+    under ``torch.autocast(<device of its weights>, dtype=torch.bfloat16)``.
+    """
+    if precision in (None, "float32"):
+        return model
+    if precision != "bfloat16":
+        raise ModelError(f"teacher dtype {precision!r} is not one of float32, bfloat16")
+    body = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep = {id(p) for p in (head.parameters() if head is not None else ())}
+    keep |= {id(p) for module in body.modules() if isinstance(module, nn.Embedding) for p in module.parameters()}
+    for module in body.modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) not in keep:
+            module.to(torch.bfloat16)
+    if not getattr(body.forward, "_kdistill_autocast", False):
+        body.forward = _autocast_forward(body.forward, body)
+    return model
+
+
+def _autocast_forward(forward, body: nn.Module):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        device = next(body.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    run._kdistill_autocast = True  # type: ignore[attr-defined]
+    return run
+
+
+def own_memory(model: nn.Module) -> nn.Module:
+    """Copy every parameter and buffer into memory of its own (in place; tying kept). Returns it.
+
+    ``from_pretrained`` may leave weights as views of the memory-mapped checkpoint file. Once a
+    trimmed teacher has dropped most of its embedding rows, the mapping still holds every page
+    loading or hashing touched (for Gemma 3 270M, ~770 MB of the file resident against the
+    ~450 MB the trimmed teacher needs); after this copy the mapping is released.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()
+    return model

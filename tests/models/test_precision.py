@@ -1,0 +1,76 @@
+"""Teacher inference precision (bf16 body, fp32 head) and weights copied out of the checkpoint map."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from kdistill.errors import ModelError
+from kdistill.models.precision import own_memory, set_inference_precision
+from kdistill.models.resolve import load_model
+
+
+def _tiny_gemma() -> Gemma3ForCausalLM:
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              max_position_embeddings=64, sliding_window=16)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _mapped(name: str) -> int:
+    return sum(name in line for line in open("/proc/self/maps"))
+
+
+def test_bf16_body_keeps_embeddings_head_and_logits_fp32() -> None:
+    model = _tiny_gemma()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits
+    assert set_inference_precision(model, "bfloat16") is model
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.layers.1.mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # also the (tied) head
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert dtypes["model.norm.weight"] == torch.float32
+    with torch.no_grad():
+        logits = model(ids).logits
+        hidden = model.base_model(ids).last_hidden_state
+    assert logits.dtype == hidden.dtype == torch.float32
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert 0 < kl < 1e-4  # bf16 GEMMs: close to the fp32 model, not identical
+    set_inference_precision(model, "bfloat16")  # idempotent: one autocast wrapper
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits)
+
+
+def test_float32_or_none_leaves_the_model_alone_and_others_are_refused() -> None:
+    model = _tiny_gemma()
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    for precision in (None, "float32"):
+        set_inference_precision(model, precision)
+    assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ModelError, match="float16"):
+        set_inference_precision(model, "float16")
+
+
+def test_own_memory_releases_the_checkpoint_map_and_keeps_ties(tmp_path) -> None:
+    _tiny_gemma().save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), "causal")
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(ids).logits
+    if not _mapped(str(tmp_path / "tiny")):
+        pytest.skip("this transformers version copies weights out of the checkpoint at load")
+    own_memory(model)
+    gc.collect()
+    assert _mapped(str(tmp_path / "tiny")) == 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, rtol=0, atol=0)
