@@ -14,6 +14,10 @@ rate, gradients clipped at 1.0.
     (d) TRL's GKDTrainer, off-policy (lmbda = 0, beta = 0: forward KL), TRL's defaults otherwise
         except fp32 on CPU as for (a)–(c)
 
+``--gradient-checkpointing`` turns on activation recomputation for the student in all four cases
+(kdistill's ``training.gradient_checkpointing``, TRL's ``gradient_checkpointing``; both
+non-reentrant).
+
 Two student vocabularies (``--vocab``):
 - ``full``: the student keeps Gemma's 262,144-token embedding/head, as TRL needs;
 - ``trimmed``: the ``recipes/gemma-kd.yaml`` student, its vocabulary trimmed to the tokens of
@@ -32,6 +36,7 @@ the same number of steps.
     python benchmarks/llm_kd.py                                 # both vocabularies (~50 min, 2 CPU cores)
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
     python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
+    python benchmarks/llm_kd.py --vocab trimmed --gradient-checkpointing --results benchmarks/results/llm_kd-checkpointing.json
 
 Targets (issue 4): (b) ≤ 1.15× the step time of (c); (a) and (b) ≥ 1.5× the tokens/s of (d) at
 ≤ 0.5× its peak memory; the KD students beat the SFT student on held-out perplexity.
@@ -125,6 +130,7 @@ objective: {objective}
   max_steps: {args.steps}
   lr_scheduler_type: constant
   max_grad_norm: 1.0
+  gradient_checkpointing: {str(args.gradient_checkpointing).lower()}
   logging_steps: 1
   seed: 0
 """
@@ -201,7 +207,9 @@ def _train_trl(job, args, out: Path) -> list[float]:
     config = GKDConfig(output_dir=str(out / "trl_gkd"), lmbda=0.0, beta=0.0, temperature=1.0,
                        per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=args.steps,
                        lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
-                       save_strategy="no", report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+                       save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       gradient_checkpointing_kwargs={"use_reentrant": False},
                        seed=0, dataloader_num_workers=0, remove_unused_columns=False,
                        dataset_kwargs={"skip_prepare_dataset": True}, max_length=args.max_length)
     times: list[float] = []
@@ -270,6 +278,8 @@ def main() -> None:
     parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the teacher's precision (recipe teacher.dtype) for every case, TRL's included: "
                              "bfloat16 runs its body in bf16, head and logits in fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the student's activations in backward, in every case (TRL's included)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")

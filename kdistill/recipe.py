@@ -229,6 +229,7 @@ class TrainingSpec(_Strict):
     metric_for_best_model: str | None = None
     early_stopping_patience: int | None = Field(None, ge=1)
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward: less memory, more compute
     seed: int = 42
 
 

@@ -164,6 +164,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
 
     # -- student (+ feature projections), teachers, optimizer, schedule
     student = StudentModule(job.student, job.task).to(device).train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(job.student)
     teachers = job.teachers.to(device) if job.teachers is not None else None
     distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
     probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))
@@ -281,6 +283,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     acc.wait_for_everyone()
     if state.best_step is not None and best_path(ckpt_root, state.best_step).exists():
         load_model(student.model, str(best_path(ckpt_root, state.best_step)))
+    if cfg.gradient_checkpointing:
+        disable_gradient_checkpointing(job.student)
     if acc.is_main_process:
         export_student(student.model, job.run_dir / "student")
     acc.wait_for_everyone()
@@ -289,6 +293,26 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Keep only each layer's input in forward and recompute the layer in backward
+    (``transformers``' non-reentrant checkpointing): activation memory drops from all of a layer's
+    intermediates to one (B, L, H) tensor per layer, for about one more forward of the layers.
+    Hooked submodule outputs and hidden states stay usable by the loss."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _check_finite(step: int, values: dict[str, Tensor], batch: dict[str, Tensor]) -> None:

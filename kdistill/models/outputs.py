@@ -19,7 +19,8 @@ def forward_outputs(
     """
     with capture_outputs(model, modules) as captured:
         if task == "causal":
-            out = model.base_model(**inputs, output_hidden_states=hidden_states)
+            # no KV cache: nothing is generated, and a cache would keep every layer's K and V alive
+            out = model.base_model(**inputs, output_hidden_states=hidden_states, use_cache=False)
             result = {"logits": None, "final_hidden": out.last_hidden_state}
         else:
             out = model(**inputs, output_hidden_states=hidden_states)

@@ -241,3 +241,39 @@ def test_sft_on_instruction_data_with_token_level_kd(tmp_path, tiny_assets, caps
     path.write_text(_recipe(tmp_path, tiny_assets, "causal", name="plain"))
     assert main(["sft", str(path), "--no-progress"]) == 2
     assert "kdistill sft needs task: causal and data.format: instruction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["mlm", "causal"])
+def test_gradient_checkpointing_trains_the_same_student(tmp_path, tiny_assets, task, monkeypatch) -> None:
+    """``training.gradient_checkpointing`` recomputes activations in backward (each layer runs
+    twice per step): same losses and weights as without it, also with hooked (MiniLM Q) outputs
+    and hidden states in the loss."""
+    calls = []
+    enable = trainer_module.enable_gradient_checkpointing
+
+    def counting_enable(model):
+        enable(model)
+        layer = next(m for n, m in model.named_modules()  # a weight-holding leaf of the second layer
+                     if ".1." in n and not list(m.children()) and list(m.parameters(recurse=False)))
+        layer.register_forward_hook(lambda module, *_: calls.append(1) if module.training else None)
+
+    monkeypatch.setattr(trainer_module, "enable_gradient_checkpointing", counting_enable)
+    objective = {"mlm": "  - {kind: soft_ce, temperature: 2.0}\n  - {kind: ce}\n  - {kind: hidden_cosine, layers: [[-1, -1]]}\n"
+                        "  - {kind: attention_relation_kl, num_relation_heads: 2, modules: "
+                        "[[bert.encoder.layer.1.attention.self.query, bert.encoder.layer.3.attention.self.query]]}\n",
+                 "causal": "  - {kind: forward_kl}\n  - {kind: ce}\n  - {kind: hidden_mse, layers: [[1, 2]]}\n"}[task]
+    runs = {}
+    for name, flag in (("plain", "false"), ("checkpointed", "true")):
+        recipe = _recipe(tmp_path, tiny_assets, task, name=name, objective=objective, max_steps=4,
+                         training=f"  gradient_checkpointing: {flag}\n  logging_steps: 1\n")
+        run_distill(parse_recipe(recipe), progress=False)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in records if "loss" in r]
+    assert len(calls) >= 2 * 4  # a forward and a recomputation per step
+    assert len(runs["plain"]) == 4 and runs["plain"] == pytest.approx(runs["checkpointed"], rel=1e-5)
+    _assert_same_weights(_weights(tmp_path / "plain"), _weights(tmp_path / "checkpointed"), atol=1e-5)
+    exported = AutoModelForMaskedLM if task == "mlm" else AutoModelForCausalLM
+    reloaded = exported.from_pretrained(tmp_path / "checkpointed" / "student")
+    flag = "is_activation_checkpointing" if hasattr(type(reloaded), "is_activation_checkpointing") else (
+        "is_gradient_checkpointing")
+    assert getattr(reloaded, flag) is False

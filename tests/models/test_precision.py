@@ -74,3 +74,29 @@ def test_own_memory_releases_the_checkpoint_map_and_keeps_ties(tmp_path) -> None
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference, rtol=0, atol=0)
+
+
+def test_a_dropped_bf16_model_is_freed_without_garbage_collection() -> None:
+    import weakref
+
+    model = set_inference_precision(_tiny_gemma(), "bfloat16")
+    alive = weakref.ref(model.model)
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_bf16_survives_a_deep_copy_and_a_failing_forward() -> None:
+    import copy
+
+    model = set_inference_precision(_tiny_gemma(), "bfloat16")
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        model.base_model(torch.full((1, 3), 10_000))  # an id beyond the embedding
+    assert not torch.is_autocast_enabled("cpu")  # the failed call closed its autocast context
