@@ -30,8 +30,9 @@ def set_inference_precision(model: nn.Module, precision: Precision | None) -> nn
 
     The body is ``model.base_model`` (the model itself when it has no head); its Linear (and
     GPT-2 Conv1D) weights become bf16 except any that is the output head's or an embedding's
-    (tied or not), and its ``forward`` runs
-    under ``torch.autocast(<device of its weights>, dtype=torch.bfloat16)``.
+    (tied or not). Forward hooks run the body under ``torch.autocast(<device of its weights>,
+    dtype=torch.bfloat16)`` and hand its bf16 outputs (e.g. BERT's pooler output) on as fp32, so
+    the heads outside the body take them as they are.
     """
     if precision in (None, "float32"):
         return model
@@ -60,8 +61,22 @@ def _enter_autocast(module: nn.Module, args: tuple) -> None:
     module._kdistill_autocast.append(context)
 
 
-def _exit_autocast(module: nn.Module, args: tuple, output: object) -> None:
+def _exit_autocast(module: nn.Module, args: tuple, output: object) -> object:
     module._kdistill_autocast.pop().__exit__(None, None, None)
+    return _as_fp32(output)
+
+
+def _as_fp32(value: object) -> object:
+    """bf16 tensors in a (nested) output as fp32; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype == torch.bfloat16 else value
+    if isinstance(value, dict):  # ModelOutput included: items are updated in place
+        for key, item in list(value.items()):
+            value[key] = _as_fp32(item)
+        return value
+    if type(value) in (tuple, list):
+        return type(value)(_as_fp32(item) for item in value)
+    return value
 
 
 def own_memory(model: nn.Module) -> nn.Module:

@@ -100,3 +100,17 @@ def test_bf16_survives_a_deep_copy_and_a_failing_forward() -> None:
     with pytest.raises(IndexError):
         model.base_model(torch.full((1, 3), 10_000))  # an id beyond the embedding
     assert not torch.is_autocast_enabled("cpu")  # the failed call closed its autocast context
+
+
+def test_bf16_classifier_teacher_hands_fp32_to_its_head(tiny_assets) -> None:
+    """BERT's pooler runs inside the bf16 body; its output reaches the fp32 classifier as fp32."""
+    model = load_model(str(tiny_assets["bert-cls"]), "classification").eval()
+    batch = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        reference = model(**batch).logits
+        set_inference_precision(model, "bfloat16")
+        assert model.bert.pooler.dense.weight.dtype == torch.bfloat16
+        assert model.classifier.weight.dtype == torch.float32
+        out = model(**batch, output_hidden_states=True)
+    assert out.logits.dtype == torch.float32 and {h.dtype for h in out.hidden_states} == {torch.float32}
+    torch.testing.assert_close(out.logits, reference, atol=2e-2, rtol=0)
