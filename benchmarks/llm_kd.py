@@ -2,11 +2,11 @@
 
 Teacher: the packaged Gemma 3 270M, fp32 (``--teacher-dtype bfloat16``: its body in bf16, head and
 logits fp32, see ``kdistill.models.precision``; TRL gets the same teacher object). Student: 6 of
-its 18 layers (uniform). Data: SST-2 sentences (``../shared/data/sst2/sentences-train.txt``, shuffled with a fixed seed) packed into
-rows of up to ``--max-length`` Gemma tokens (so a batch is ~``batch × max_length`` real tokens,
-as in LM pre-training); a held-out set of rows from sentences not used for training. Forward KL
-at T = 1 (+ hard-label CE, weight ``--ce-weight``, for kdistill), AdamW at a constant learning
-rate, gradients clipped at 1.0.
+its 18 layers (uniform). Data: SST-2 sentences (``../shared/data/sst2/sentences-train.txt``,
+shuffled with a fixed seed) packed into rows of up to ``--max-length`` Gemma tokens (so a batch
+is ~``batch × max_length`` real tokens, as in LM pre-training); a held-out set of rows from
+sentences not used for training. Forward KL at T = 1 (+ hard-label CE, weight ``--ce-weight``,
+for kdistill), AdamW at a constant learning rate, gradients clipped at 1.0.
 
     (a) kdistill, live teacher          (chunked loss: no B×L×V logits)
     (b) kdistill, from a top-64 cache   (teacher run once by ``kdistill cache``, time reported apart)
