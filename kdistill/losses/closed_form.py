@@ -106,8 +106,7 @@ def closed_form_chunk(
                 continue
             t_src = target[:, :vocab].float()
             t_src = _tempered(t_src, temperature, workspace, f"tempered_target{i}")
-            owned = workspace.owns(t_src) and t_src.is_contiguous()
-            logp = _log_softmax(t_src, owned, workspace, f"logp{i}")
+            logp = _log_softmax(t_src, workspace.owns(t_src), workspace, f"logp{i}")
             sums[i] = _dense_value(logp, logq, part.spec.kind == "forward_kl", workspace)  # logp → p
             q_coef += weight
             dense.append((logp, weight))

@@ -47,8 +47,7 @@ class LiveTeachers:
     def _prepare(model: nn.Module, vocab_plan: VocabPlan | None, dtype: Precision | None) -> nn.Module:
         if vocab_plan is not None:
             model = trim_model(model, vocab_plan)
-        if dtype not in (None, "float32"):
-            model = set_inference_precision(model, dtype)
+        model = set_inference_precision(model, dtype)  # None or float32: unchanged
         if vocab_plan is not None or dtype not in (None, "float32"):
             model = own_memory(model)
         return model.eval().requires_grad_(False)
