@@ -40,11 +40,12 @@ later equals an uninterrupted one. A directory holding another signal (teacher, 
 k, temperature, … differ) is refused with :class:`~kdistill.errors.ConfigError`.
 
 Cost: one teacher forward per example; the head is applied to valid positions only, in chunks of
-``chunk_rows`` rows written into reused buffers (the head GEMM vocabulary-blocked on a CPU), so
-no (B × L × V) tensor is built. Writing took 1.01× the plain forward (``model(**batch).logits``)
-for the packaged Gemma 3 270M on 2 CPU cores, plus 0.6 s hashing its weights once (1.07× in
-all; medians of 3 alternating rounds), and 1.6× on an H200 for a Gemma-3-270M-sized teacher
-(``benchmarks/cache_size.py``).
+``chunk_rows`` rows written into reused buffers (the head GEMM vocabulary-blocked on a CPU, the
+softmax in place), so no (B × L × V) tensor is built. For the packaged Gemma 3 270M on 2 CPU
+cores, writing took 0.93× and 0.98× the plain forward (``model(**batch).logits``) in two runs,
+0.6 s of it hashing the weights once (medians of 5 alternating rounds; the previous version,
+with two 512-row buffers, 1.01× in a run between them), and 1.6× on an H200 for a
+Gemma-3-270M-sized teacher (``benchmarks/cache_size.py``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ from kdistill.signals.encoding import TopKFormat, decode_topk, encode_topk
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHUNK_LOGITS = {"cpu": 2**27, "cuda": 2**29}  # logits per head call: 512 / 2,048 rows at V = 262,144
+CHUNK_LOGITS = {"cpu": 2**28, "cuda": 2**29}  # logits per head call: 1,024 / 2,048 rows at V = 262,144
 MANIFEST = "manifest.json"
 
 # Manifest fields that define the signal: all must agree to resume a cache or to use it.
@@ -429,15 +430,18 @@ class _ShardWriter:
 
         The head (with its scale and soft-cap) and the softmax write into buffers reused across
         chunks: a fresh (n, V) allocation per chunk costs page faults comparable to the softmax.
-        The top-k is taken on the logits and normalised with log Σ exp z = z_1 − log p_1 (p_1 ≥ 1/V,
-        exact in fp32), so entries whose probability underflows fp32 keep exact ids and log-probs.
+        On a CPU with an fp32 head the softmax overwrites the logits in place (bit-identical), so
+        one (n, V) buffer serves both. The top-k is taken on the logits and normalised with
+        log Σ exp z = z_1 − log p_1 (p_1 ≥ 1/V, exact in fp32), so entries whose probability
+        underflows fp32 keep exact ids and log-probs.
         """
         head, n = self.head, hidden.shape[0]
         hidden = hidden.to(head.weight.dtype)
+        in_place = hidden.device.type == "cpu" and head.weight.dtype == torch.float32
         if self._logits is None or self._logits.device != hidden.device:
             shape = (self.chunk_rows, self.vocab)
             self._logits = torch.empty(shape, dtype=head.weight.dtype, device=hidden.device)
-            self._probs = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+            self._probs = None if in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
         z = self._logits[:n]
         project_into(hidden, head.weight, head.bias, z)  # vocabulary-blocked on a CPU
         if head.scale != 1.0:
@@ -448,7 +452,7 @@ class _ShardWriter:
         if self.temperature != 1.0:
             z.div_(self.temperature)
         top_z, ids = _topk(z, self.k)  # sorted, descending
-        probs = torch.softmax(z, -1, out=self._probs[:n])
+        probs = torch.softmax(z, -1, out=z if in_place else self._probs[:n])
         log_norm = top_z[:, :1] - probs.gather(-1, ids[:, :1]).log()
         return ids, top_z - log_norm, probs
 
@@ -537,10 +541,11 @@ def write_cache(
     ``hidden_states[l]`` in fp16 for l in ``hidden_layers``. ``progress(done, total)`` is called in
     examples. Resumes an interrupted cache of the same signal (see the module docstring).
     ``teacher_sha256``: :func:`hash_model` of the teacher when the caller has it already (hashing
-    reads every weight once: ≈ 1 s per GB). ``chunk_rows``: valid positions per head call; default ``CHUNK_LOGITS[device] / V`` (512 on
-    a CPU, 2,048 on a GPU at V = 262,144), which holds two (rows, V) buffers (1 GiB on a CPU) but
-    reads the head's weight less often than 128-row chunks (about 2× faster on a CPU) and
-    launches fewer kernels. Returns the final :class:`Manifest`.
+    reads every weight once: ≈ 1 s per GB). ``chunk_rows``: valid positions per head call; default ``CHUNK_LOGITS[device] / V`` (1,024 on
+    a CPU, 2,048 on a GPU at V = 262,144), which holds one (rows, V) buffer on a CPU (1 GiB; the
+    softmax overwrites the logits) and two on a GPU, but reads the head's weight less often than
+    small chunks (on 2 CPU cores the blocked head took 1.8–1.9 s per 1,024 rows in 1,024-row
+    calls, 2.1–2.3 s in 256-row ones) and launches fewer kernels. Returns the final :class:`Manifest`.
     """
     _check_settings(k, temperature, batch_size, shard_size, sampled)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdistill.losses.projection import HEAD_BLOCK_CPU, project_into
+from kdistill.losses.projection import HEAD_BLOCK_BYTES, HEAD_BLOCK_CPU, head_block, project_into
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -20,3 +20,20 @@ def test_blocked_head_projection_equals_one_gemm(bias: bool) -> None:
     assert project_into(hidden, weight, b, out) is out
     expected = hidden @ weight.t() + (b if bias else 0)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_block_keeps_the_buffer_small_for_many_rows() -> None:
+    assert head_block(1) == head_block(512) == HEAD_BLOCK_CPU
+    assert head_block(1024) == 1024 and head_block(2048) == 512 and head_block(10**6) == 512
+    assert head_block(1024, itemsize=2) == HEAD_BLOCK_CPU
+    for rows in (513, 1024, 4096):
+        assert rows * head_block(rows) * 4 <= HEAD_BLOCK_BYTES or head_block(rows) == 512
+
+
+def test_blocked_head_projection_with_many_rows_uses_smaller_blocks() -> None:
+    g = torch.Generator().manual_seed(1)
+    rows, vocab = 2100, 3 * 512 + 77  # blocks of 512 vocabulary rows, a partial last one
+    hidden, weight = torch.randn(rows, 8, generator=g), torch.randn(vocab, 8, generator=g)
+    out = torch.full((rows, vocab), math.nan)
+    project_into(hidden, weight, None, out)
+    torch.testing.assert_close(out, hidden @ weight.t(), rtol=1e-5, atol=1e-5)
