@@ -542,8 +542,8 @@ def write_cache(
     examples. Resumes an interrupted cache of the same signal (see the module docstring).
     ``teacher_sha256``: :func:`hash_model` of the teacher when the caller has it already (hashing
     reads every weight once: ≈ 1 s per GB). ``chunk_rows``: valid positions per head call; default ``CHUNK_LOGITS[device] / V`` (1,024 on
-    a CPU, 2,048 on a GPU at V = 262,144), which holds one (rows, V) buffer on a CPU (1 GiB; the
-    softmax overwrites the logits) and two on a GPU, but reads the head's weight less often than
+    a CPU, 2,048 on a GPU at V = 262,144), which holds one (rows, V) buffer on a CPU with an fp32
+    head (1 GiB; the softmax overwrites the logits) and two otherwise, but reads the head's weight less often than
     small chunks (on 2 CPU cores the blocked head took 1.8–1.9 s per 1,024 rows in 1,024-row
     calls, 2.1–2.3 s in 256-row ones) and launches fewer kernels. Returns the final :class:`Manifest`.
     """
