@@ -33,7 +33,7 @@ excluded) and tokens/s (non-padding tokens per step ÷ that), the peak RSS of th
 held-out perplexity, teacher–student KL and top-1 agreement (against the untrimmed teacher) after
 the same number of steps.
 
-    python benchmarks/llm_kd.py                                 # both vocabularies (~50 min, 2 CPU cores)
+    python benchmarks/llm_kd.py                                 # both vocabularies (50–60 min, 2 CPU cores)
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
     python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
     python benchmarks/llm_kd.py --vocab trimmed --gradient-checkpointing --results benchmarks/results/llm_kd-checkpointing.json
