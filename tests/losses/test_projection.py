@@ -30,9 +30,10 @@ def test_head_block_keeps_the_buffer_small_for_many_rows() -> None:
         assert rows * head_block(rows) * 4 <= HEAD_BLOCK_BYTES or head_block(rows) == 512
 
 
-def test_blocked_head_projection_with_many_rows_uses_smaller_blocks() -> None:
+def test_blocked_head_projection_with_many_rows_equals_one_gemm() -> None:
     g = torch.Generator().manual_seed(1)
     rows, vocab = 2100, 3 * 512 + 77  # blocks of 512 vocabulary rows, a partial last one
+    assert head_block(rows) == 512  # so this vocabulary takes the blocked path
     hidden, weight = torch.randn(rows, 8, generator=g), torch.randn(vocab, 8, generator=g)
     out = torch.full((rows, vocab), math.nan)
     project_into(hidden, weight, None, out)
