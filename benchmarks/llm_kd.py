@@ -9,7 +9,8 @@ sentences not used for training. Forward KL at T = 1 (+ hard-label CE, weight ``
 for kdistill), AdamW at a constant learning rate, gradients clipped at 1.0.
 
     (a) kdistill, live teacher          (chunked loss: no B×L×V logits)
-    (b) kdistill, from a top-64 cache   (teacher run once by ``kdistill cache``, time reported apart)
+    (b) kdistill, from a top-64 cache   (teacher run once by ``kdistill cache`` in a process of its own
+                                         first, as a user runs it; time reported apart)
     (c) plain SFT of the student        (cross-entropy, no teacher)
     (d) TRL's GKDTrainer, off-policy (lmbda = 0, beta = 0: forward KL), TRL's defaults otherwise
         except fp32 on CPU as for (a)–(c)
@@ -150,7 +151,7 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
 
     torch.set_num_threads(args.threads)
     from kdistill.data.collate import Collator
-    from kdistill.distill.pipeline import build_job, run_cache
+    from kdistill.distill.pipeline import build_job
     from kdistill.distill.trainer import TrainJob
     from kdistill.distill.trainer import train as train_loop
     from kdistill.eval.quality import VocabMap, lm_quality
@@ -159,11 +160,15 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
 
     recipe = parse_recipe(_recipe_text(case, vocab, out, train, held, args))
     cache_seconds = None
-    if case == "kdistill_cache":
+    if case == "kdistill_cache":  # `kdistill cache`, then training in a process of its own, as a user runs them
         shutil.rmtree(recipe.cache_dir, ignore_errors=True)  # a complete cache left by an earlier run would only be checked
-        start = time.perf_counter()
-        run_cache(recipe)
-        cache_seconds = time.perf_counter() - start
+        seconds = mp.get_context("spawn").Queue()
+        writer = mp.get_context("spawn").Process(target=_write_cache, args=(recipe, args.threads, seconds))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            sys.exit(f"kdistill cache failed (exit code {writer.exitcode})")
+        cache_seconds = seconds.get()
     job, _, sizes, extras = build_job(recipe)
     plan = extras["vocab_plan"]
     tokens_per_row = statistics.fmean(sum(ex["attention_mask"]) for ex in job.train_examples)
@@ -190,6 +195,17 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
                "teacher_perplexity": quality["teacher"]["perplexity"],
                "kl": quality["vs_teacher"]["kl"], "agreement": quality["vs_teacher"]["agreement"],
                "quality": quality})
+
+
+def _write_cache(recipe, threads: int, seconds) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from kdistill.distill.pipeline import run_cache
+
+    start = time.perf_counter()
+    run_cache(recipe)
+    seconds.put(time.perf_counter() - start)
 
 
 def _train_trl(job, args, out: Path) -> list[float]:

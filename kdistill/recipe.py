@@ -230,6 +230,7 @@ class TrainingSpec(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward: less memory, more compute
+    lean_activations: bool = True  # RMSNorms and gated MLPs keep only what backward needs (same forward; kdistill.models.lean)
     seed: int = 42
 
 

@@ -47,6 +47,7 @@ from kdistill.distill.distiller import (
 )
 from kdistill.distill.memory import return_free_memory
 from kdistill.errors import ConfigError
+from kdistill.models.lean import disable_lean_activations, enable_lean_activations
 from kdistill.models.outputs import forward_outputs
 from kdistill.recipe import TermSpec, TrainingSpec
 from kdistill.signals.live import LiveTeachers
@@ -166,6 +167,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     student = StudentModule(job.student, job.task).to(device).train()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(job.student)
+    if cfg.lean_activations:
+        log.info("lean activations in %d student modules", enable_lean_activations(job.student))
     teachers = job.teachers.to(device) if job.teachers is not None else None
     distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
     probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))
@@ -173,7 +176,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+                                  fused=fused_adamw_supported(student.parameters()))
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     wrapped = acc.prepare(student)  # DDP across processes; the teachers are never wrapped
@@ -285,6 +289,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
         load_model(student.model, str(best_path(ckpt_root, state.best_step)))
     if cfg.gradient_checkpointing:
         disable_gradient_checkpointing(job.student)
+    if cfg.lean_activations:
+        disable_lean_activations(job.student)
     if acc.is_main_process:
         export_student(student.model, job.run_dir / "student")
     acc.wait_for_everyone()
@@ -313,6 +319,17 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+def fused_adamw_supported(params) -> bool:
+    """Whether ``AdamW(fused=True)`` takes these parameters: floating point, all on CPU or all on
+    CUDA. The fused kernel updates each parameter in one pass with no temporaries (the default
+    per-tensor loop allocates a parameter-sized ``denom``), as ``transformers``' default optimizer
+    ``adamw_torch_fused`` does."""
+    params = list(params)
+    devices = {p.device.type for p in params}
+    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(
+        p.is_floating_point() for p in params)
 
 
 def _check_finite(step: int, values: dict[str, Tensor], batch: dict[str, Tensor]) -> None:

@@ -147,6 +147,8 @@ def test_resume_after_interruption_gives_the_same_student(tmp_path, tiny_assets,
     monkeypatch.setattr(trainer_module, "_check_finite", original)
     kept = sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir())
     assert kept[-1] == "step-000004" and all(not name.startswith(".tmp") for name in kept)
+    saved = torch.load(tmp_path / "part" / "checkpoints" / kept[-1] / "optimizer.pt", weights_only=True)
+    assert all(group["fused"] for group in saved["param_groups"])  # one-pass AdamW on CPU, as transformers'
     with pytest.raises(ConfigError, match="--resume"):
         run_distill(parse_recipe(part), progress=False)
     run_distill(parse_recipe(part), resume=True, progress=False)
@@ -277,3 +279,51 @@ def test_gradient_checkpointing_trains_the_same_student(tmp_path, tiny_assets, t
     flag = "is_activation_checkpointing" if hasattr(type(reloaded), "is_activation_checkpointing") else (
         "is_gradient_checkpointing")
     assert getattr(reloaded, flag) is False
+
+
+def test_lean_activations_train_the_same_student_as_eager_modules(tmp_path, tiny_assets, monkeypatch) -> None:
+    """``training.lean_activations`` (default on) changes a Gemma student's norms and MLPs for the
+    run only: same losses and weights as with the eager modules, original classes afterwards."""
+    import shutil
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    teacher_dir = tmp_path / "gemma"
+    vocab = AutoTokenizer.from_pretrained(tiny_assets["gpt2"]).vocab_size
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=64, sliding_window=16, pad_token_id=0,
+                                       bos_token_id=2, eos_token_id=2)).save_pretrained(teacher_dir)
+    for file in tiny_assets["gpt2"].iterdir():
+        if "token" in file.name or file.name.endswith((".json", ".txt")) and "config" not in file.name:
+            shutil.copy(file, teacher_dir / file.name)
+    changed, students = [], []
+    enable = trainer_module.enable_lean_activations
+
+    def recording_enable(model):
+        students.append(model)
+        changed.append(enable(model))
+        return changed[-1]
+
+    monkeypatch.setattr(trainer_module, "enable_lean_activations", recording_enable)
+    assets = {**tiny_assets, "gpt2": teacher_dir}
+    runs = {}
+    for name, flag in (("eager", "false"), ("lean", "true")):
+        recipe = _recipe(tmp_path, assets, "causal", name=name, max_steps=4,
+                         objective="  - {kind: forward_kl}\n  - {kind: ce}\n  - {kind: hidden_mse, layers: [[1, 2]]}\n",
+                         training=f"  lean_activations: {flag}\n  logging_steps: 1\n")
+        run_distill(parse_recipe(recipe), progress=False)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in records if "loss" in r]
+    assert changed == [2 * (6 + 1) + 1]  # lean run only: 2 layers × (6 norms + MLP) + final norm
+    assert not any(type(m).__name__.startswith("Lean") for m in students[0].modules())
+    assert len(runs["eager"]) == 4 and runs["eager"] == pytest.approx(runs["lean"], rel=1e-5)
+    _assert_same_weights(_weights(tmp_path / "eager"), _weights(tmp_path / "lean"), atol=1e-5)
+
+
+def test_fused_adamw_only_for_floating_parameters_on_one_cpu_or_cuda_device() -> None:
+    assert trainer_module.fused_adamw_supported([torch.nn.Parameter(torch.zeros(2)), torch.zeros(3, 2)])
+    assert not trainer_module.fused_adamw_supported([])
+    assert not trainer_module.fused_adamw_supported([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])
+    assert not trainer_module.fused_adamw_supported([torch.zeros(2, device="meta")])
