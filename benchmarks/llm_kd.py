@@ -56,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 
+from packing import pack_sentences
+
 DATA = Path("../shared/data/sst2/sentences-train.txt")
 CASES = ("kdistill_live", "kdistill_cache", "sft", "trl_gkd")
 TEACHER = "gemma-3-270m"
@@ -82,19 +84,9 @@ def _write_data(out: Path, n_train: int, n_held: int, max_length: int) -> tuple[
     """Pack shuffled sentences into rows of ≤ max_length − 1 Gemma tokens (room for <bos>)."""
     from kdistill.models.resolve import load_tokenizer
 
-    tokenizer = load_tokenizer(TEACHER)
     sentences = [line.partition(" ")[2].strip() for line in DATA.read_text().splitlines()]
     random.Random(7).shuffle(sentences)
-    rows, current, used = [], [], 0
-    for sentence in sentences:
-        n = len(tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
-        if current and used + n > max_length - 1:
-            rows.append(" ".join(current))
-            current, used = [], 0
-            if len(rows) == n_train + n_held:
-                break
-        current.append(sentence)
-        used += n
+    rows = pack_sentences(load_tokenizer(TEACHER), sentences, max_length, n_train + n_held)
     if len(rows) < n_train + n_held:
         sys.exit(f"{DATA} has too few sentences for {n_train + n_held} rows of {max_length} tokens")
     out.mkdir(parents=True, exist_ok=True)

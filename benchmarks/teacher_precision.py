@@ -26,20 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+from packing import pack_sentences
 
 DATA = Path("../shared/data/sst2/sentences-train.txt")
 
 
 def _batches(tokenizer, rows: int, max_length: int, batch: int) -> list[dict]:
     sentences = [line.partition(" ")[2].strip() for line in DATA.read_text().splitlines()][: rows * 16]
-    texts, current = [], ""
-    for sentence in sentences:
-        if current and len(tokenizer(current + " " + sentence)["input_ids"]) > max_length:
-            texts.append(current)
-            current = ""
-            if len(texts) == rows:
-                break
-        current = f"{current} {sentence}".strip()
+    texts = pack_sentences(tokenizer, sentences, max_length, rows)
     return [tokenizer(texts[i : i + batch], return_tensors="pt", padding=True) for i in range(0, len(texts), batch)]
 
 

@@ -8,7 +8,7 @@ hidden state. Whoever calls the model (kdistill's loss, ``kdistill cache``, anot
 the same behaviour.
 
 Measured on 2 CPU cores (AMD EPYC, AVX512-BF16): a (1024 × 640) · (640 × 2048) · (2048 × 640)
-pair of Linears takes 57.6 ms in fp32, 13.4 ms in bf16; Gemma 3 270M's body 1.64× faster
+pair of Linears takes 57.6 ms in fp32, 13.4 ms in bf16; Gemma 3 270M's body 1.64–1.72× faster
 (``benchmarks/teacher_precision.py``; norms, attention and element-wise work do not speed up).
 """
 
