@@ -270,6 +270,19 @@ def _report(vocab: str, rows: list[dict], args) -> dict[str, bool]:
     return targets
 
 
+def _commit() -> str | None:
+    """The checked-out commit (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", choices=("trimmed", "full", "both"), default="both")
@@ -311,7 +324,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "quality"}), flush=True)
         results[vocab] = {"steps": vocab_args.steps, "rows": rows, "targets": _report(vocab, rows, vocab_args)}
     path = Path(args.results)
-    path.write_text(json.dumps({"config": vars(args), "results": results}, indent=2, default=str))
+    path.write_text(json.dumps({"config": vars(args), "commit": _commit(), "results": results}, indent=2, default=str))
     print(f"wrote {path}")
 
 
