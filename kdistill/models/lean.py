@@ -175,7 +175,7 @@ def enable_lean_activations(model: nn.Module) -> int:
         if _is_rmsnorm(module):
             x = _probe(module, module.weight.shape[0])
             with torch.no_grad():
-                expected = module(x)
+                expected = module.forward(x)  # its own forward, without any hooks
             offset = next((o for o in (0.0, 1.0) if torch.equal(_lean_output(module, x, o), expected)), None)
             if offset is not None:
                 module._kdistill_lean_offset = offset
@@ -184,7 +184,7 @@ def enable_lean_activations(model: nn.Module) -> int:
         elif _is_gated_mlp(module):
             x = _probe(module, module.gate_proj.in_features)
             with torch.no_grad():
-                expected = module(x)
+                expected = module.forward(x)  # its own forward, without any hooks
             if torch.equal(_lean_output(module, x), expected):
                 _swap_class(module, _LeanGatedMLP)
                 changed += 1
