@@ -154,8 +154,9 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
     cache_seconds = None
     if case == "kdistill_cache":  # `kdistill cache`, then training in a process of its own, as a user runs them
         shutil.rmtree(recipe.cache_dir, ignore_errors=True)  # a complete cache left by an earlier run would only be checked
-        seconds = mp.get_context("spawn").Queue()
-        writer = mp.get_context("spawn").Process(target=_write_cache, args=(recipe, args.threads, seconds))
+        ctx = mp.get_context("spawn")
+        seconds = ctx.Queue()
+        writer = ctx.Process(target=_write_cache, args=(recipe, args.threads, seconds))
         writer.start()
         writer.join()
         if writer.exitcode != 0:

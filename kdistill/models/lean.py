@@ -82,11 +82,12 @@ class _GatedDownFunction(torch.autograd.Function):
             grad_u = grad_p * a.detach()
         if need_g:
             (grad_g,) = torch.autograd.grad(a, g_leaf, grad_p * u)
+        grad_rows = grad.reshape(-1, grad.shape[-1])  # (N, O)
         if need_w:
             p = a.detach() * u
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ p.reshape(-1, p.shape[-1])  # (O, I)
+            grad_w = grad_rows.t() @ p.reshape(-1, p.shape[-1])  # (O, I)
         if need_b and ctx.has_bias:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_b = grad_rows.sum(0)
         return grad_g, grad_u, grad_w, grad_b, None
 
 
@@ -103,13 +104,22 @@ def _has_hooks(module: nn.Module) -> bool:
                 or torch_module._global_forward_pre_hooks)
 
 
+def _lean_norm(module: nn.Module, x: Tensor, offset: float) -> Tensor:
+    return _RMSNormFunction.apply(x, module.weight, _eps(module), offset)
+
+
+def _lean_mlp(module: nn.Module, x: Tensor) -> Tensor:
+    down = module.down_proj
+    return _GatedDownFunction.apply(module.gate_proj(x), module.up_proj(x), down.weight, down.bias, module.act_fn)
+
+
 class _LeanRMSNorm:
     """Mixin: the lean forward of an RMSNorm module (weight (H,), eps ``eps``/``variance_epsilon``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _exact_path(x, self.weight):
             return super().forward(x)
-        return _RMSNormFunction.apply(x, self.weight, _eps(self), self._kdistill_lean_offset)
+        return _lean_norm(self, x, self._kdistill_lean_offset)
 
 
 class _LeanGatedMLP:
@@ -120,18 +130,17 @@ class _LeanGatedMLP:
         if (not _exact_path(x, down.weight, down.bias) or _has_hooks(down)
                 or (isinstance(self.act_fn, nn.Module) and _has_hooks(self.act_fn))):
             return super().forward(x)
-        return _GatedDownFunction.apply(self.gate_proj(x), self.up_proj(x), down.weight, down.bias, self.act_fn)
+        return _lean_mlp(self, x)
 
 
-def _eps(module: nn.Module) -> float:
-    return module.eps if hasattr(module, "eps") else module.variance_epsilon
+def _eps(module: nn.Module) -> float | None:
+    return getattr(module, "eps", getattr(module, "variance_epsilon", None))
 
 
 def _is_rmsnorm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return ("RMSNorm" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.ndim == 1
-            and getattr(module, "bias", None) is None
-            and isinstance(getattr(module, "eps", getattr(module, "variance_epsilon", None)), float))
+            and getattr(module, "bias", None) is None and isinstance(_eps(module), float))
 
 
 def _is_gated_mlp(module: nn.Module) -> bool:
@@ -155,11 +164,7 @@ def _probe(module: nn.Module, width: int) -> Tensor:
 
 def _lean_output(module: nn.Module, x: Tensor, offset: float | None = None) -> Tensor:
     with torch.enable_grad():  # the lean path itself, as training runs it
-        if offset is not None:
-            return _RMSNormFunction.apply(x, module.weight, _eps(module), offset).detach()
-        down = module.down_proj
-        return _GatedDownFunction.apply(module.gate_proj(x), module.up_proj(x), down.weight, down.bias,
-                                        module.act_fn).detach()
+        return (_lean_mlp(module, x) if offset is None else _lean_norm(module, x, offset)).detach()
 
 
 def enable_lean_activations(model: nn.Module) -> int:
