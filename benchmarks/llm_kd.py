@@ -17,7 +17,9 @@ for kdistill), AdamW at a constant learning rate, gradients clipped at 1.0.
 
 ``--gradient-checkpointing`` turns on activation recomputation for the student in all four cases
 (kdistill's ``training.gradient_checkpointing``, TRL's ``gradient_checkpointing``; both
-non-reentrant).
+non-reentrant). ``--trim-heap`` turns on kdistill's ``training.trim_heap`` in (a)–(c) (freed heap
+pages go back to the OS within each step; ``kdistill.distill.memory.HeapTrims``); TRL has no such
+setting.
 
 Two student vocabularies (``--vocab``):
 - ``full``: the student keeps Gemma's 262,144-token embedding/head, as TRL needs;
@@ -38,6 +40,7 @@ the same number of steps.
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
     python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
     python benchmarks/llm_kd.py --vocab trimmed --gradient-checkpointing --results benchmarks/results/llm_kd-checkpointing.json
+    python benchmarks/llm_kd.py --vocab trimmed --trim-heap --results benchmarks/results/llm_kd-trim-heap.json
 
 Targets (issue 4): (b) ≤ 1.15× the step time of (c); (a) and (b) ≥ 1.5× the tokens/s of (d) at
 ≤ 0.5× its peak memory; the KD students beat the SFT student on held-out perplexity.
@@ -124,6 +127,7 @@ objective: {objective}
   lr_scheduler_type: constant
   max_grad_norm: 1.0
   gradient_checkpointing: {str(args.gradient_checkpointing).lower()}
+  trim_heap: {str(args.trim_heap).lower()}
   logging_steps: 1
   seed: 0
 """
@@ -302,6 +306,9 @@ def main() -> None:
                              "bfloat16 runs its body in bf16, head and logits in fp32")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the student's activations in backward, in every case (TRL's included)")
+    parser.add_argument("--trim-heap", action="store_true",
+                        help="kdistill's training.trim_heap in (a)–(c): freed heap pages go back within each step "
+                             "(TRL has no such setting)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")

@@ -231,6 +231,7 @@ class TrainingSpec(_Strict):
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward: less memory, more compute
     lean_activations: bool = True  # RMSNorms and gated MLPs keep only what backward needs (same forward; kdistill.models.lean)
+    trim_heap: bool = False  # CPU: give freed heap pages back within each step: lower peak RSS, slower (kdistill.distill.memory)
     seed: int = 42
 
 

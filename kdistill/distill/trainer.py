@@ -45,7 +45,7 @@ from kdistill.distill.distiller import (
     hard_ce,
     position_masks,
 )
-from kdistill.distill.memory import return_free_memory
+from kdistill.distill.memory import HeapTrims, return_free_memory
 from kdistill.errors import ConfigError
 from kdistill.models.lean import disable_lean_activations, enable_lean_activations
 from kdistill.models.outputs import forward_outputs
@@ -170,6 +170,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     if cfg.lean_activations:
         log.info("lean activations in %d student modules", enable_lean_activations(job.student))
     teachers = job.teachers.to(device) if job.teachers is not None else None
+    trims = (HeapTrims(job.student, getattr(teachers, "models", ()))
+             if cfg.trim_heap and device.type == "cpu" else None)
     distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
     probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))
     distiller.build_projections({k: v.to(device) for k, v in probe.items()})
@@ -208,6 +210,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     window_step = state.step  # the logging window: tokens and time since the last record
 
     while state.step < total_steps:
+        if trims is not None:
+            trims.trim()  # what the last step freed (its gradients among them) leaves before this one
         # -- this step's micro-batches and the global counts that normalise every term
         ids = global_batch_ids(len(job.train_examples), state.step, steps_per_epoch, global_batch, cfg.seed)
         batches = []
@@ -282,6 +286,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
             break
     bar.close()
     metrics_log.close()
+    if trims is not None:
+        trims.remove()
 
     # -- export: the best evaluated weights if any, else the final ones
     acc.wait_for_everyone()
