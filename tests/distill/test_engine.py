@@ -322,6 +322,32 @@ def test_lean_activations_train_the_same_student_as_eager_modules(tmp_path, tiny
     _assert_same_weights(_weights(tmp_path / "eager"), _weights(tmp_path / "lean"), atol=1e-5)
 
 
+def test_trim_heap_trains_the_same_student_and_removes_its_hooks(tmp_path, tiny_assets, monkeypatch) -> None:
+    """``training.trim_heap`` only gives memory back: bit-identical losses and weights, trims at every
+    step's start, the bodies' ends and each student layer's backward, and no hooks left afterwards."""
+    made = []
+
+    class RecordingTrims(trainer_module.HeapTrims):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(trainer_module, "HeapTrims", RecordingTrims)
+    runs = {}
+    for name, flag in (("plain", "false"), ("trimmed", "true")):
+        recipe = _recipe(tmp_path, tiny_assets, "causal", name=name, max_steps=3,
+                         training=f"  trim_heap: {flag}\n  logging_steps: 1\n")
+        run_distill(parse_recipe(recipe), progress=False)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in records if "loss" in r]
+    (trims,) = made  # the trimmed run only
+    assert trims.count >= 3 * (1 + 1 + 1 + 2)  # per step: its start, student and teacher bodies, 2 layers
+    assert trims._handles == []
+    assert len(runs["plain"]) == 3 and runs["plain"] == runs["trimmed"]
+    plain, trimmed = _weights(tmp_path / "plain"), _weights(tmp_path / "trimmed")
+    assert plain.keys() == trimmed.keys() and all(torch.equal(plain[k], trimmed[k]) for k in plain)
+
+
 def test_fused_adamw_only_for_floating_parameters_on_one_cpu_or_cuda_device() -> None:
     assert trainer_module.fused_adamw_supported([torch.nn.Parameter(torch.zeros(2)), torch.zeros(3, 2)])
     assert not trainer_module.fused_adamw_supported([])

@@ -1,4 +1,5 @@
-"""return_free_memory gives freed heap pages back to the OS (Linux with glibc)."""
+"""return_free_memory gives freed heap pages back to the OS (Linux with glibc); HeapTrims trims
+at a training step's high points."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import platform
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from kdistill.distill.memory import return_free_memory
+from kdistill.distill.memory import HeapTrims, return_free_memory
 
 
 def _rss() -> int:
@@ -31,3 +35,37 @@ def test_freed_heap_memory_goes_back_to_the_os() -> None:
     after = _rss()
     assert before - after > 100 * 2**20, (before, after)
     del pins
+
+
+def _tiny_llama(layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+
+
+def test_heap_trims_after_each_body_forward_and_before_each_layer_backward() -> None:
+    student, teacher = _tiny_llama(3), _tiny_llama(2)
+    trims = HeapTrims(student, [teacher])
+    ids = torch.randint(0, 64, (2, 5))
+    hidden = student.base_model(input_ids=ids).last_hidden_state
+    assert trims.count == 1  # the student body's end
+    with torch.no_grad():
+        teacher.base_model(input_ids=ids)
+    assert trims.count == 2  # the teacher's: its layers' outputs need no gradient, so no backward points
+    hidden.pow(2).sum().backward()
+    assert trims.count == 2 + 3  # before each of the student's 3 layers' backward
+    with torch.no_grad():
+        student(input_ids=ids)  # the whole model runs its body once
+    assert trims.count == 6
+    trims.remove()
+    student.base_model(input_ids=ids).last_hidden_state.sum().backward()
+    assert trims.count == 6
+
+
+def test_heap_trims_without_a_layer_stack_trim_after_the_forward_only() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    trims = HeapTrims(model)
+    model(torch.randn(3, 4)).sum().backward()
+    assert trims.count == 1
+    trims.trim()
+    assert trims.count == 2
