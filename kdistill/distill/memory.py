@@ -16,6 +16,7 @@ page of the heap. Where the C library has no ``malloc_trim`` (macOS, musl, Windo
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 from collections.abc import Callable, Iterable
 
@@ -24,19 +25,14 @@ from torch import Tensor, is_grad_enabled, nn
 from kdistill.errors import KdistillError
 from kdistill.models.layers import find_layer_stack
 
-_UNSET = object()
-_trim_fn: Callable[[int], int] | None | object = _UNSET
 
-
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """libc's ``malloc_trim``, looked up once; None where there is none."""
-    global _trim_fn
-    if _trim_fn is _UNSET:
-        try:  # the process's own symbols, libc's among them: no library search (no subprocess)
-            _trim_fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
-        except OSError:
-            _trim_fn = None
-    return _trim_fn  # type: ignore[return-value]
+    try:  # the process's own symbols, libc's among them: no library search (no subprocess)
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def trim_heap() -> bool:
