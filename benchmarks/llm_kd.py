@@ -36,6 +36,14 @@ excluded) and tokens/s (non-padding tokens per step ÷ that), the peak RSS of th
 held-out perplexity, teacher–student KL and top-1 agreement (against the untrimmed teacher) after
 the same number of steps.
 
+Next to each case, what one step must cost whatever trainer runs it (``benchmarks/floors.py``;
+measured after the quality evaluation, with one more step): its matmul FLOPs (counted by
+``torch.utils.flop_counter`` over forward, backward and the teacher), the floor time at the best
+GEMM rate this machine reached at the step's own shapes, and the floor memory: the process after
+its imports plus the teacher's weights and the student's weights, gradients and Adam moments.
+From these, the most any trainer of that case could gain over TRL's measured step at the same
+precision, and the least memory it could peak at.
+
     python benchmarks/llm_kd.py                                 # both vocabularies (50–60 min, 2 CPU cores)
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
     python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
@@ -59,6 +67,7 @@ import sys
 import time
 from pathlib import Path
 
+from floors import count_flops, gemm_rate, gemm_shapes, training_state_bytes
 from packing import pack_sentences
 
 DATA = Path("../shared/data/sst2/sentences-train.txt")
@@ -154,6 +163,7 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
     from kdistill.models.resolve import load_model, load_tokenizer
     from kdistill.recipe import parse_recipe
 
+    import_rss = _rss("VmRSS")  # torch, transformers and kdistill imported: the process's own footprint
     recipe = parse_recipe(_recipe_text(case, vocab, out, train, held, args))
     cache_seconds = None
     if case == "kdistill_cache":  # `kdistill cache`, then training in a process of its own, as a user runs them
@@ -170,7 +180,7 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
     plan = extras["vocab_plan"]
     tokens_per_row = statistics.fmean(sum(ex["attention_mask"]) for ex in job.train_examples)
     if case == "trl_gkd":
-        step_times = _train_trl(job, args, out / vocab)
+        step_times = _train_trl(job, args, out / vocab, args.steps)
     else:
         _reset_peak_rss()
         train_loop(TrainJob(**{**job.__dict__, "eval_examples": None}), progress=False)
@@ -184,6 +194,7 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
     held_out = _teacher_id_examples(job.eval_examples, plan)
     quality = lm_quality(teacher, job.student, "causal", held_out, Collator(load_tokenizer(TEACHER), "causal"),
                          vocab_map=vocab_map, batch_size=8)
+    floors = _floors(case, job, args, out / vocab, import_rss)
     queue.put({"vocab": vocab, "case": case, "student_vocab": job.student.config.vocab_size,
                "student_params": sizes["student"]["total"], "seconds_per_step": per_step,
                "tokens_per_step": tokens_per_row * args.batch, "tokens_per_s": tokens_per_row * args.batch / per_step,
@@ -191,7 +202,34 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
                "student_perplexity": quality["student"]["perplexity"],
                "teacher_perplexity": quality["teacher"]["perplexity"],
                "kl": quality["vs_teacher"]["kl"], "agreement": quality["vs_teacher"]["agreement"],
-               "quality": quality})
+               **floors, "quality": quality})
+
+
+def _floors(case: str, job, args, out: Path, import_rss: int) -> dict:
+    """What one step must cost whatever the trainer: its matmul FLOPs (one more step, counted), the
+    floor time at this machine's best GEMM rate, and the floor memory (process + training state).
+
+    Run after the quality evaluation: the counted step trains the student once more."""
+    import torch
+
+    from kdistill.distill.trainer import TrainJob
+    from kdistill.distill.trainer import train as train_loop
+
+    teachers = list(getattr(job.teachers, "models", ()))  # live teachers; none for the cache and SFT
+    state = training_state_bytes(job.student, teachers)
+    if case == "trl_gkd":
+        flops = count_flops(lambda: _train_trl(job, args, out / "flops", 1))
+    else:
+        one_step = TrainJob(**{**job.__dict__, "training": job.training.model_copy(update={"max_steps": 1}),
+                               "run_dir": out / f"{case}-flops", "eval_examples": None})
+        flops = count_flops(lambda: train_loop(one_step, progress=False))
+    cfg = job.student.config
+    q_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    shapes = gemm_shapes(cfg.hidden_size, (cfg.intermediate_size, q_width, cfg.vocab_size), args.batch * args.max_length)
+    dtypes = (torch.float32,) if args.teacher_dtype == "float32" else (torch.float32, torch.bfloat16)
+    rate = max(gemm_rate(shapes, dtype) for dtype in dtypes)
+    return {"step_flops": flops, "gemm_flops_per_s": rate, "floor_seconds_per_step": flops / rate,
+            "import_rss_bytes": import_rss, "state_bytes": state, "floor_rss_bytes": import_rss + state}
 
 
 def _write_cache(recipe, threads: int, seconds) -> None:
@@ -205,8 +243,8 @@ def _write_cache(recipe, threads: int, seconds) -> None:
     seconds.put(time.perf_counter() - start)
 
 
-def _train_trl(job, args, out: Path) -> list[float]:
-    """TRL's GKDTrainer on the same student, examples, collator and optimizer settings."""
+def _train_trl(job, args, out: Path, steps: int) -> list[float]:
+    """TRL's GKDTrainer on the same student, examples, collator and optimizer settings, for ``steps`` steps."""
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -218,7 +256,7 @@ def _train_trl(job, args, out: Path) -> list[float]:
     (teacher,) = job.teachers.models
     rows = [{k: ex[k] for k in ("input_ids", "attention_mask", "labels", "example_id")} for ex in job.train_examples]
     config = GKDConfig(output_dir=str(out / "trl_gkd"), lmbda=0.0, beta=0.0, temperature=1.0,
-                       per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=args.steps,
+                       per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=steps,
                        lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
                        save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                        gradient_checkpointing=args.gradient_checkpointing,
@@ -249,16 +287,19 @@ def _train_trl(job, args, out: Path) -> list[float]:
 def _report(vocab: str, rows: list[dict], args) -> dict[str, bool]:
     ok = {r["case"]: r for r in rows if "error" not in r}
     first = next(iter(ok.values()), {})
+    rate = max((r["gemm_flops_per_s"] for r in ok.values()), default=1.0)  # the best of the cases' GEMM timings
     print(f"\n{vocab} vocabulary (student {first.get('student_vocab', '?')} tokens, "
           f"{first.get('student_params', 0) / 1e6:.1f}M parameters): {args.train} rows × ≤{args.max_length} tokens, "
           f"batch {args.batch}, {args.steps} steps, CPU {args.threads} threads")
-    print(f"{'case':16} {'s/step':>7} {'tok/s':>7} {'peak RSS GiB':>12} {'held-out ppl':>12} {'KL':>7} {'top-1':>6}")
+    print(f"{'case':16} {'s/step':>7} {'tok/s':>7} {'peak RSS GiB':>12} {'held-out ppl':>12} {'KL':>7} {'top-1':>6} "
+          f"{'GFLOP/step':>10} {'floor s':>7} {'floor GiB':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:16} {r['error']}")
             continue
         print(f"{r['case']:16} {r['seconds_per_step']:7.2f} {r['tokens_per_s']:7.0f} "
-              f"{r['peak_rss_bytes'] / 2**30:12.2f} {r['student_perplexity']:12.1f} {r['kl']:7.3f} {r['agreement']:6.3f}")
+              f"{r['peak_rss_bytes'] / 2**30:12.2f} {r['student_perplexity']:12.1f} {r['kl']:7.3f} {r['agreement']:6.3f} "
+              f"{r['step_flops'] / 1e9:10.0f} {r['step_flops'] / rate:7.2f} {r['floor_rss_bytes'] / 2**30:9.2f}")
     if ok:
         print(f"{'teacher':16} {'':7} {'':7} {'':12} {first['teacher_perplexity']:12.1f}")
     targets = {}
@@ -272,6 +313,16 @@ def _report(vocab: str, rows: list[dict], args) -> dict[str, bool]:
         if case in ok and "sft" in ok:
             targets[f"{case}_ppl_below_sft"] = ok[case]["student_perplexity"] < ok["sft"]["student_perplexity"]
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    if "trl_gkd" in ok:
+        trl = ok["trl_gkd"]
+        print(f"floors (best GEMM rate {rate / 1e9:.0f} GFLOP/s; "
+              "process after imports + weights, gradients and Adam moments):")
+        for case in ("kdistill_live", "kdistill_cache"):
+            if case in ok:
+                r = ok[case]
+                print(f"  {case}: at most {trl['seconds_per_step'] * rate / r['step_flops']:.2f}× TRL's tokens/s "
+                      f"(target 1.5×), at least {r['floor_rss_bytes'] / trl['peak_rss_bytes']:.2f}× its peak RSS "
+                      f"(target ≤ 0.5×)")
     return targets
 
 
