@@ -40,7 +40,7 @@ def _cmd_example(args: argparse.Namespace) -> None:
         raise ConfigError(f"--steps must be ≥ 1, got {args.steps}")
     if args.kind not in DIVERGENCES:
         raise ConfigError(f"--kind {args.kind!r} is not one of {', '.join(DIVERGENCES)}")
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and figures stay on one line, whole, when piped
     with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("distil", total=args.steps, loss=float("nan"))
@@ -174,7 +174,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from kdistill.recipe import load_recipe
     from kdistill.stages import run_stages
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and figures stay on one line, whole, when piped
     recipe = load_recipe(args.recipe, args.overrides)
     outcome = run_stages(recipe, from_stage=args.from_stage, only=args.only, force=args.force,
                          report=lambda line: console.print(f"[dim]{line}[/dim]"))
@@ -187,7 +187,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from kdistill.demo.recipes import demo_recipe
     from kdistill.stages import run_stages
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and figures stay on one line, whole, when piped
     recipe = demo_recipe(tiny=args.tiny, output_dir=args.output_dir,
                          report=lambda line: console.print(f"[dim]{line}[/dim]"))
     console.print(f"kdistill demo{' --tiny' if args.tiny else ''}: {recipe.run_dir}")
