@@ -59,9 +59,10 @@ class HeapTrims:
     (:meth:`trim`). The computation is unchanged (same losses and weights, bit for bit).
 
     Measured on the trimmed Gemma student of ``benchmarks/llm_kd.py`` (2 cores, 60 steps,
-    ``--trim-heap``; ``benchmarks/results/llm_kd-trim-heap.json``): peak RSS 1.72 → 1.46 GiB
-    from the cache, 2.21 → 1.91 GiB with the live teacher; steps took about a third longer
-    (1.88 → 2.84 s from the cache, but the machine ran ~11% slower that day: TRL 4.18 → 4.65 s).
+    ``--trim-heap``; ``benchmarks/results/llm_kd-trim-heap.json``), two runs on different days:
+    peak RSS 1.72 → 1.46 / 1.48 GiB from the cache, 2.21 → 1.91 / 1.93 GiB with the live teacher;
+    steps from the cache 1.88 → 2.84 / 1.99 s (TRL, untouched, 4.18 → 4.65 / 4.03 s: the machine's
+    speed varies by the day; allowing for it, the cost is 10–36%).
     """
 
     def __init__(self, student: nn.Module, teachers: Iterable[nn.Module] = ()) -> None:
