@@ -17,7 +17,7 @@ def test_count_flops_is_six_m_k_n_for_a_linear_forward_and_backward():
     assert flops == 3 * 2 * 7 * 12 * 20  # y = xW, ∂x = ∂y Wᵀ, ∂W = xᵀ ∂y
 
 
-def test_count_flops_without_backward_or_without_grads_is_the_forward_only():
+def test_count_flops_of_a_no_grad_forward_is_the_forward_only():
     layer = nn.Linear(12, 20, bias=False)
     with torch.no_grad():
         assert count_flops(lambda: layer(torch.randn(7, 12))) == 2 * 7 * 12 * 20
