@@ -58,13 +58,14 @@ def gemm_rate(shapes: Iterable[tuple[int, int, int, bool]], dtype: torch.dtype =
     return best
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (shared tensors once)."""
+def tensor_bytes(*modules: nn.Module) -> int:
+    """Bytes of the modules' parameters and buffers (a tensor shared within or between them once)."""
     seen, total = set(), 0
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     return total
 
 
@@ -75,4 +76,4 @@ def training_state_bytes(student: nn.Module, frozen: Iterable[nn.Module] = ()) -
 
         bytes = |student| + 3 · Σ_trainable |p| + Σ_frozen |t|"""
     trainable = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
-    return tensor_bytes(student) + 3 * trainable + sum(tensor_bytes(m) for m in frozen)
+    return tensor_bytes(student, *frozen) + 3 * trainable

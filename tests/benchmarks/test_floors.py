@@ -59,3 +59,11 @@ def test_training_state_bytes_matches_what_adamw_allocates():
     moments = sum(t.numel() * t.element_size() for st in optimizer.state.values()
                   for k, t in st.items() if k != "step")
     assert training_state_bytes(student) == tensor_bytes(student) + grads + moments
+
+
+def test_tensor_bytes_counts_a_tensor_shared_between_student_and_teacher_once():
+    shared = nn.Linear(4, 4, bias=False)
+    student, teacher = nn.Sequential(shared), nn.Sequential(shared, nn.Linear(4, 2, bias=False))
+    assert tensor_bytes(student, teacher) == (16 + 8) * 4
+    student.requires_grad_(False)
+    assert training_state_bytes(student, [teacher]) == (16 + 8) * 4
