@@ -15,6 +15,14 @@ from kdistill import __version__
 from kdistill.errors import ConfigError, KdistillError
 
 
+def _message_console():
+    """The console for a command's messages: rich does not wrap them (soft_wrap), so paths and
+    figures stay whole on one line when the output is piped or captured."""
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
 def _cmd_losses(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -30,7 +38,6 @@ def _cmd_losses(args: argparse.Namespace) -> None:
 
 
 def _cmd_example(args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kdistill.examples.tiny_lm import result_dict, run_tiny_lm_example
@@ -40,7 +47,7 @@ def _cmd_example(args: argparse.Namespace) -> None:
         raise ConfigError(f"--steps must be ≥ 1, got {args.steps}")
     if args.kind not in DIVERGENCES:
         raise ConfigError(f"--kind {args.kind!r} is not one of {', '.join(DIVERGENCES)}")
-    console = Console(soft_wrap=True)  # paths and figures stay on one line, whole, when piped
+    console = _message_console()
     with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("distil", total=args.steps, loss=float("nan"))
@@ -169,12 +176,10 @@ def _print_outcome(console, outcome: dict, run_dir) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from kdistill.recipe import load_recipe
     from kdistill.stages import run_stages
 
-    console = Console(soft_wrap=True)  # paths and figures stay on one line, whole, when piped
+    console = _message_console()
     recipe = load_recipe(args.recipe, args.overrides)
     outcome = run_stages(recipe, from_stage=args.from_stage, only=args.only, force=args.force,
                          report=lambda line: console.print(f"[dim]{line}[/dim]"))
@@ -182,12 +187,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from kdistill.demo.recipes import demo_recipe
     from kdistill.stages import run_stages
 
-    console = Console(soft_wrap=True)  # paths and figures stay on one line, whole, when piped
+    console = _message_console()
     recipe = demo_recipe(tiny=args.tiny, output_dir=args.output_dir,
                          report=lambda line: console.print(f"[dim]{line}[/dim]"))
     console.print(f"kdistill demo{' --tiny' if args.tiny else ''}: {recipe.run_dir}")
