@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from kdistill.data import Collator
@@ -21,8 +21,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    from tokenizers import decoders
-
     core.decoder = decoders.ByteLevel()
     # pad = EOS, as in many causal LMs
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
@@ -44,12 +42,21 @@ def test_labels_cover_exactly_the_response_and_eos(tokenizer) -> None:
     assert "### Input:" in alpaca_prompt("x", "y") and "### Input:" not in alpaca_prompt("x")
 
 
-def test_boundary_is_not_shifted_by_joint_tokenization(tokenizer) -> None:
-    # joined text may merge across the boundary; separate tokenization keeps the mask exact
+def test_boundary_is_not_shifted_by_joint_tokenization() -> None:
+    # a BPE without pre-tokenizer, trained on whole conversations, merges across the prompt/response boundary
     row = {"instruction": "Response", "input": "", "output": ": yes"}
+    joined = alpaca_prompt(row["instruction"]) + row["output"]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.train_from_iterator([joined] * 20, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<eos>"]))
+    core.decoder = decoders.Fuse()  # tokens concatenated as they are
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+    prompt_ids = tokenizer(alpaca_prompt(row["instruction"]))["input_ids"]
+    output_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    assert tokenizer(joined)["input_ids"] != prompt_ids + output_ids  # the case this test is about
     ex = InstructionFormat(max_length=256).encode([row], tokenizer)[0]
-    labelled = [t for t in ex["labels"] if t != -100]
-    assert tokenizer.decode(labelled[:-1]) == ": yes"
+    assert ex["input_ids"] == prompt_ids + output_ids + [tokenizer.eos_token_id]
+    assert ex["labels"] == [-100] * len(prompt_ids) + output_ids + [tokenizer.eos_token_id]
+    assert tokenizer.decode(output_ids) == ": yes"
 
 
 def test_truncation_that_removes_every_response_token_drops_the_row(tokenizer) -> None:

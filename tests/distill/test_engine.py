@@ -153,8 +153,16 @@ def test_resume_after_interruption_gives_the_same_student(tmp_path, tiny_assets,
         run_distill(parse_recipe(part), progress=False)
     run_distill(parse_recipe(part), resume=True, progress=False)
     _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "part"), atol=1e-6)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and len(steps) == len(set((s, i) for i, s in enumerate(steps)))
+    # the log holds each record once: those the interrupted run wrote after step 4 (its step-6 evaluation)
+    # are dropped on resume and written again, so it reads as the uninterrupted run's
+    def records(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    part_records, full_records = records("part"), records("full")
+    assert [(r["step"], sorted(r)) for r in part_records] == [(r["step"], sorted(r)) for r in full_records]
+    for p, f in zip(part_records, full_records):
+        assert {k: v for k, v in p.items() if "seconds" not in k and "tokens_per_s" not in k} == pytest.approx(
+            {k: v for k, v in f.items() if "seconds" not in k and "tokens_per_s" not in k}, rel=1e-5)
 
 
 def test_non_finite_loss_stops_with_step_and_term(tmp_path, tiny_assets) -> None:
@@ -190,7 +198,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_asset
     _assert_same_weights(_weights(tmp_path / "single"), _weights(tmp_path / "double"), atol=1e-5)
 
 
-def test_ensemble_of_teachers_and_bf16(tmp_path, tiny_assets) -> None:
+def test_ensemble_of_teachers_and_bf16(tmp_path, tiny_assets, monkeypatch) -> None:
+    import kdistill.distill.distiller as distiller_module
+
     second = tmp_path / "second-teacher"
     model = AutoModelForSequenceClassification.from_pretrained(tiny_assets["bert-cls"])
     with torch.no_grad():
@@ -201,10 +211,30 @@ def test_ensemble_of_teachers_and_bf16(tmp_path, tiny_assets) -> None:
                    "  - {kind: hidden_cosine, layers: [[-1, -1]]}\n", training="  bf16: true\n")
     text = text.replace(f"teacher: {tiny_assets['bert-cls']}",
                         f"teachers:\n  - {{model: {tiny_assets['bert-cls']}, weight: 2}}\n  - {{model: {second}}}")
-    summary = run_distill(parse_recipe(text), progress=False)
+    mixtures, autocast_dtypes = [], set()
+    mix = distiller_module.mixture_logits
+
+    def spy_mixture(logits, weights, temperature):
+        mixtures.append((len(logits), list(weights), not torch.equal(logits[0], logits[-1])))
+        return mix(logits, weights, temperature)
+
+    def record_autocast(module, args, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_autocast_enabled("cpu"):
+            autocast_dtypes.add(output.dtype)
+
+    monkeypatch.setattr(distiller_module, "mixture_logits", spy_mixture)
+    handle = torch.nn.modules.module.register_module_forward_hook(record_autocast)
+    try:
+        summary = run_distill(parse_recipe(text), progress=False)
+    finally:
+        handle.remove()
     assert summary["steps"] == 6
+    # every step's soft target mixes both teachers (whose logits differ) at weights 2 : 1
+    assert len(mixtures) >= 6
+    assert all(n == 2 and w == pytest.approx([2 / 3, 1 / 3]) and differ for n, w, differ in mixtures)
+    assert autocast_dtypes == {torch.bfloat16}  # training.bf16: the student's GEMMs ran under bf16 autocast
     last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x][-1]
-    assert last["forward_kl"] > 0 and last["hidden_cosine"] >= 0
+    assert last["forward_kl"] > 0 and last["hidden_cosine"] > 0
 
 
 def test_early_stopping_and_keep_last_checkpoints(tmp_path, tiny_assets) -> None:

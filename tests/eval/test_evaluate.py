@@ -148,10 +148,21 @@ def test_instruction_data_scores_greedy_generations_with_rouge_l(tiny_assets) ->
     rows = [{"instruction": "is the movie good", "input": "", "output": "the movie was good"},
             {"instruction": "was the film dull", "input": "the plot", "output": "the film was very dull"}]
     cols = DataColumns(format="instruction", max_length=64)
-    metrics = evaluate_pair(str(tiny_assets["gpt2"]), str(tiny_assets["gpt2"]), "causal", rows, columns=cols,
-                            max_new_tokens=4, speed=False)
+
+    def evaluate(rows):
+        return evaluate_pair(str(tiny_assets["gpt2"]), str(tiny_assets["gpt2"]), "causal", rows, columns=cols,
+                             max_new_tokens=4, speed=False)
+
+    # greedy outputs depend on the prompts only: learn them, then give references that half overlap them
+    samples = evaluate(rows)["models"]["teacher"]["quality"]["samples"]
+    assert len(samples) == 2 and all(s.split() for s in samples)
+    rows = [{**row, "output": f"{sample} unrelated closing words"} for row, sample in zip(rows, samples)]
+    metrics = evaluate(rows)
     teacher, student = metrics["models"]["teacher"]["quality"], metrics["models"]["student"]["quality"]
-    assert teacher["rouge_l_examples"] == 2 and 0 <= teacher["rouge_l"] <= 1
-    assert student["rouge_l"] == teacher["rouge_l"] and student["samples"] == teacher["samples"]
+    assert teacher["samples"] == samples and teacher["rouge_l_examples"] == 2
+    reference = pytest.importorskip("rouge_score.rouge_scorer").RougeScorer(["rougeL"])
+    expected = sum(reference.score(r["output"], s)["rougeL"].fmeasure for r, s in zip(rows, samples)) / 2
+    assert 0 < expected < 1 and teacher["rouge_l"] == pytest.approx(expected)
+    assert student["rouge_l"] == teacher["rouge_l"] and student["samples"] == teacher["samples"]  # the same model
     assert metrics["primary_metric"]["name"] == "rouge_l"
     assert metrics["models"]["student"]["vs_teacher"]["agreement"] == 1.0
