@@ -37,8 +37,9 @@ version (its GPU path is unchanged since: one GEMM, softmax into a second buffer
 On the GPU the extra time is the fp32 softmax and top-k over V per token, the encoding and the
 transfer of 200 B per token, which the two-layer toy's forward cannot hide; bigger teachers hide
 more of it. Records take 200 B per token, 201–202 B on disk with the per-example index. Reading
-(``TeacherCache.targets``) decoded ≈ 250,000 tokens/s on the GPU machine's CPU; on a loaded
-2-core machine each small parallel op waits for a scheduler tick and it drops to ≈ 2,500.
+(``TeacherCache.targets``) decoded ≈ 250,000 tokens/s on the GPU machine's CPU and 145,000–216,000
+on 2 cores here (``read_tokens_per_s`` in the two result files); once, on a heavily loaded 2-core
+machine where each small parallel op waited for a scheduler tick, it fell to ≈ 2,500.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def main() -> None:
               f"{r['mean']:>+10.3f} ± {r['stderr']:.3f}{r['mean'] / r['median_untrimmed']:>+8.0%}")
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": vars(args), "commit": llm_kd._commit(), "rows": rows}, indent=2))
+    path.write_text(json.dumps({"config": vars(args), "commit": llm_kd._commit(), "versions": llm_kd._versions(),
+                                "rows": rows}, indent=2))
     print(f"wrote {path}")
 
 

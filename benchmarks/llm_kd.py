@@ -53,12 +53,14 @@ precision, and the least memory it could peak at.
 
 Targets (issue 4): (b) ≤ 1.15× the step time of (c); (a) and (b) ≥ 1.5× the tokens/s of (d) at
 ≤ 0.5× its peak memory; the KD students beat the SFT student on held-out perplexity.
-Prints a table per vocabulary and writes ``benchmarks/results/llm_kd.json``.
+Needs TRL for case (d): ``pip install -e '.[bench]'``. Prints a table per vocabulary and writes
+``benchmarks/results/llm_kd.json`` (with the commit and the torch/transformers/accelerate/TRL versions).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import random
@@ -332,6 +334,19 @@ def _report(vocab: str, rows: list[dict], args) -> dict[str, bool]:
     return targets
 
 
+def _versions() -> dict:
+    """The versions of the libraries whose speed and numerics the results depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "accelerate", "trl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _commit() -> str | None:
     """The checked-out commit (``+dirty`` with uncommitted changes), or None outside a git checkout."""
     import subprocess
@@ -373,6 +388,8 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
+    if "trl_gkd" in args.cases.split(",") and importlib.util.find_spec("trl") is None:
+        sys.exit("case trl_gkd needs TRL: pip install -e '.[bench]' (or leave it out with --cases)")
     out = Path(args.out)
     train, held = _write_data(out, args.train, args.held_out, args.max_length)
     ctx = mp.get_context("spawn")
@@ -390,7 +407,8 @@ def main() -> None:
         results[vocab] = {"steps": vocab_args.steps, "rows": rows, "best_gemm_flops_per_s": _best_gemm_rate(rows),
                           "targets": _report(vocab, rows, vocab_args)}
     path = Path(args.results)
-    path.write_text(json.dumps({"config": vars(args), "commit": _commit(), "results": results}, indent=2, default=str))
+    path.write_text(json.dumps({"config": vars(args), "commit": _commit(), "versions": _versions(), "results": results},
+                               indent=2, default=str))
     print(f"wrote {path}")
 
 

@@ -7,7 +7,7 @@ instruction-tunes a student (6 of the teacher's 18 layers, vocabulary trimmed to
 kept pairs and reports its loss on held-out generated pairs, before and after, beside the
 teacher's loss on the same pairs.
 
-    python benchmarks/self_instruct.py                    # ~10 min on 2 CPU cores
+    python benchmarks/self_instruct.py                    # ~20 min on 2 CPU cores (generation ~15 of them)
     python benchmarks/self_instruct.py --instructions 20  # a quick look
 
 Prints a table and writes ``benchmarks/results/self_instruct.json``.
@@ -103,7 +103,7 @@ def main() -> None:
     rouge = Path("benchmarks/results/rouge_filter.json")
     rouge_speedup = json.loads(rouge.read_text()).get("speedup_cpu") if rouge.exists() else None
     record = {
-        "teacher": "gemma-3-270m (local, bf16)", "seeds": str(SEEDS), "generation_minutes": minutes,
+        "config": vars(args), "teacher": "gemma-3-270m (local, bf16)", "seeds": str(SEEDS), "generation_minutes": minutes,
         "instructions_parsed": parsed, "instructions_kept": counts["instructions_kept"],
         "instructions_kept_per_minute": counts["instructions_kept"] / minutes,
         "instructions_parsed_per_minute": parsed / minutes, "examples_generated": generated,

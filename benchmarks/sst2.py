@@ -6,7 +6,7 @@
 then evaluate all three on the held-out split carved from ``../shared/data/sst2/train.tsv``:
 accuracy, parameters, CPU latency (batch 1) and throughput (batch 32), medians of repeated passes.
 
-    python benchmarks/sst2.py                        # ~20 min on 2 CPU cores
+    python benchmarks/sst2.py                        # ~1 h on 2 CPU cores (training 52 min of it)
     python benchmarks/sst2.py --train-rows 2000 --epochs 1   # a quick look
 
 Targets: KD student ≥ 97% of the teacher's accuracy, ≥ 1.8× its throughput, above the no-KD student.

@@ -60,9 +60,9 @@ class HeapTrims:
 
     Measured on the trimmed Gemma student of ``benchmarks/llm_kd.py`` (2 cores, 60 steps,
     ``--trim-heap``; ``benchmarks/results/llm_kd-trim-heap.json``), two runs on different days:
-    peak RSS 1.72 → 1.46 / 1.48 GiB from the cache, 2.21 → 1.91 / 1.93 GiB with the live teacher;
-    steps from the cache 1.88 → 2.84 / 1.99 s (TRL, untouched, 4.18 → 4.65 / 4.03 s: the machine's
-    speed varies by the day; allowing for it, the cost is 10–36%).
+    peak RSS 1.72 → 1.46 / 1.48 GiB from the cache, 2.21 → 1.91 / 1.93 GiB with the live teacher.
+    Cost, paired within one run (trimming on every other step; ``benchmarks/heap_trim_cost.py``):
+    +0.35–0.36 s a step, 20% from the cache (1.81 → 2.17 s), 10% with the live teacher (3.76 → 4.22 s).
     """
 
     def __init__(self, student: nn.Module, teachers: Iterable[nn.Module] = ()) -> None:

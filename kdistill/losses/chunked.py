@@ -3,10 +3,12 @@
 Given the student's final hidden states and its output head, the loss is computed over chunks
 of valid tokens. Each chunk's logits exist only while that chunk is processed: the chunk's
 contribution to the gradient of the hidden states and of the head is computed right then
-(autograd on the chunk) and accumulated, so backward costs no recomputation and peak memory is
-one chunk of logits (``chunk_size × V``) instead of all of them. The value and the gradients
-equal :func:`kdistill.losses.response.distribution_loss` on the full logits (same formula, same
-code: :func:`kdistill.losses.response.block_loss_sum` per chunk, one normalisation at the end).
+(in closed form where there is one, :mod:`kdistill.losses.closed_form`; else autograd on the
+chunk) and accumulated, so backward costs no recomputation and peak memory is one chunk of logits
+(``chunk_size × V``) instead of all of them. The value and the gradients equal
+:func:`kdistill.losses.response.distribution_loss` on the full logits (the autograd path runs the
+same code, :func:`kdistill.losses.response.block_loss_sum` per chunk with one normalisation at the
+end; the closed form is tested equal to it).
 
 Output heads may scale and soft-cap logits (:class:`LMHead`): Gemma 2/3 use
 ``cap · tanh(z / cap)`` (``final_logit_softcapping``), Cohere multiplies by ``logit_scale``,

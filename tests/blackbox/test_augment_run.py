@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+import kdistill.distill.pipeline as pipeline
 from kdistill.cli import main
-from kdistill.distill.pipeline import run_distill
+from kdistill.distill.pipeline import build_job, run_distill
 from kdistill.recipe import parse_recipe
 
 
@@ -49,7 +52,7 @@ def test_augment_with_a_real_local_model_that_writes_nonsense(tmp_path, tiny_ass
     assert (tmp_path / "aug" / "data" / "teacher_calls.sqlite").stat().st_size > 0
 
 
-def test_training_mixes_synthetic_rows_at_the_ratio(tmp_path, tiny_assets) -> None:
+def test_training_mixes_synthetic_rows_at_the_ratio(tmp_path, tiny_assets, monkeypatch) -> None:
     recipe = parse_recipe(_recipe(tmp_path, tiny_assets, tiny_assets["gpt2"]))
     data = tmp_path / "aug" / "data"
     data.mkdir(parents=True)
@@ -60,5 +63,17 @@ def test_training_mixes_synthetic_rows_at_the_ratio(tmp_path, tiny_assets) -> No
 
     mixed = synthetic_rows(recipe, 96, ["0", "1"])
     assert len(mixed) == 48 and mixed[0] == {"text": "the movie was great fun", "label": "1", "probs": [0.2, 0.8]}
+    jobs = []
+
+    def spy_build_job(recipe):
+        built = build_job(recipe)
+        jobs.append(built[0])
+        return built
+
+    monkeypatch.setattr(pipeline, "build_job", spy_build_job)
     summary = run_distill(recipe, progress=False)
     assert summary["steps"] == 4
+    # what training saw: the 96 real rows and 48 synthetic ones, these with the teacher's soft labels
+    (job,) = jobs
+    soft = [ex["soft_labels"] for ex in job.train_examples if ex.get("soft_labels") is not None]
+    assert len(job.train_examples) == 96 + 48 and soft == [pytest.approx([0.2, 0.8])] * 48

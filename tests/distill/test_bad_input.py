@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-import pytest
+import torch
+from safetensors.torch import load_file
 from test_engine import _recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,4 +104,9 @@ def test_nan_loss_exits_2_and_keeps_the_last_checkpoint(tmp_path, tiny_assets) -
     assert ckpts == ["step-000002", "step-000004"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4
-    pytest.importorskip("safetensors")
+    kept = tmp_path / "run" / "checkpoints" / "step-000004"
+    weights = load_file(str(kept / "student.safetensors"))  # whole and readable, the NaN step not in it
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    optimizer = torch.load(kept / "optimizer.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for st in optimizer["state"].values() for v in st.values()
+               if isinstance(v, torch.Tensor))

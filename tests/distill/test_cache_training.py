@@ -53,7 +53,7 @@ def test_cache_with_k_equal_v_trains_like_the_live_teacher(tmp_path, tiny_assets
         "signal: {source: cache, k: 8, shard_size: 32}\n", ""))
     run_distill(live, progress=False)
     first = [json.loads(open(tmp_path / n / "metrics.jsonl").readline()) for n in ("cached", "live")]
-    assert first[0]["forward_kl"] == pytest.approx(first[1]["forward_kl"], rel=2e-2)
+    assert first[0]["forward_kl"] == pytest.approx(first[1]["forward_kl"], rel=1e-3)  # measured: 4e-5 apart
     assert first[0]["ce"] == pytest.approx(first[1]["ce"], rel=1e-5)
 
 

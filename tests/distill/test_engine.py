@@ -97,10 +97,26 @@ def test_distilbert_style_mlm_with_minilm_relations(tmp_path, tiny_assets) -> No
     assert last["attention_relation_kl"] > 0 and last["soft_ce"] > 0
 
 
-def test_causal_kd_uses_the_chunked_path_and_learns(tmp_path, tiny_assets) -> None:
+def test_causal_kd_uses_the_chunked_path_and_learns(tmp_path, tiny_assets, monkeypatch) -> None:
+    import kdistill.distill.distiller as distiller_module
+
+    calls = {"chunked": 0, "dense": 0}
+    chunked, dense = distiller_module.chunked_distribution_losses, distiller_module.distribution_loss
+
+    def spy_chunked(*args, **kwargs):
+        calls["chunked"] += 1
+        return chunked(*args, **kwargs)
+
+    def spy_dense(*args, **kwargs):
+        calls["dense"] += 1
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(distiller_module, "chunked_distribution_losses", spy_chunked)
+    monkeypatch.setattr(distiller_module, "distribution_loss", spy_dense)
     objective = "  - {kind: reverse_kl}\n  - {kind: ce, weight: 0.0}\n"
     run_distill(parse_recipe(_recipe(tmp_path, tiny_assets, "causal", objective=objective,
                                      training="  logging_steps: 1\n", max_steps=20)), progress=False)
+    assert calls["chunked"] >= 20 and calls["dense"] == 0  # one fused chunked pass per step, no (B, L, V) logits
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["reverse_kl"] for r in records if "reverse_kl" in r]
     assert kl[-1] < 0.5 * kl[0]

@@ -268,6 +268,7 @@ def test_alias_converts_once_and_loads(converted: tuple[Path, float, list[str]],
     assert ids[0, 0].item() == tokenizer.bos_token_id
     assert tokenizer.decode(ids[0], skip_special_tokens=True) == "The capital of France is"
     with torch.no_grad():
-        next_id = model(ids).logits[0, -1].argmax().item()
-    assert 0 <= next_id < model.config.vocab_size
-    assert tokenizer.decode([next_id]).strip()
+        top5 = model(ids).logits[0, -1].topk(5).indices.tolist()
+    # the converted base model continues as Gemma 3 270M does (measured: ' the' 19.09, ' a' 18.55,
+    # ' Paris' 18.27, ' one', ' known'): a conversion that garbles weights would not
+    assert tokenizer.decode(top5[:1]) == " the" and " Paris" in [tokenizer.decode([i]) for i in top5]

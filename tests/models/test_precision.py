@@ -113,4 +113,5 @@ def test_bf16_classifier_teacher_hands_fp32_to_its_head(tiny_assets) -> None:
         assert model.classifier.weight.dtype == torch.float32
         out = model(**batch, output_hidden_states=True)
     assert out.logits.dtype == torch.float32 and {h.dtype for h in out.hidden_states} == {torch.float32}
-    torch.testing.assert_close(out.logits, reference, atol=2e-2, rtol=0)
+    # the logits of a tiny random model are ~1e-2: compare to their scale (measured: 0.4% of it)
+    assert (out.logits - reference).abs().max() <= 0.02 * reference.abs().max()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -299,16 +300,19 @@ def test_sampled_targets_follow_the_teacher(tmp_path, teacher, tokenizer, exampl
 
 
 def test_hashes_are_stable_and_discriminating(teacher, tokenizer, examples):
-    assert hash_examples(examples) == hash_examples(list(reversed(examples)))
+    assert hash_examples(examples) == hash_examples(list(reversed(examples)))  # keyed by example id, not order
     changed = [dict(ex) for ex in examples]
-    changed[0] = {**changed[0], "input_ids": changed[0]["input_ids"][:-1] + [4]}
-    assert hash_examples(changed) != hash_examples(examples) or changed[0]["input_ids"] == examples[0]["input_ids"]
+    changed[0] = {**changed[0], "input_ids": changed[0]["input_ids"][:-1] + [changed[0]["input_ids"][-1] + 1]}
+    assert hash_examples(changed) != hash_examples(examples)
     h = hash_model(teacher)
-    assert h == hash_model(teacher) and len(h) == 64
-    assert hash_tokenizer(tokenizer) == hash_tokenizer(tokenizer)
-    other = LlamaForCausalLM(teacher.config)
-    assert hash_model(other) != h
-    assert math.isfinite(float(int(h[:8], 16)))
+    assert len(h) == 64 and hash_model(copy.deepcopy(teacher)) == h  # the weights' content, not the object
+    assert hash_model(LlamaForCausalLM(teacher.config)) != h
+    t = copy.deepcopy(tokenizer)
+    assert hash_tokenizer(t) == hash_tokenizer(tokenizer)
+    t("a sentence long enough to be cut", truncation=True, max_length=3)  # leaves truncation state behind
+    assert t.backend_tokenizer.truncation is not None and hash_tokenizer(t) == hash_tokenizer(tokenizer)
+    t.add_tokens(["<a-new-token>"])
+    assert hash_tokenizer(t) != hash_tokenizer(tokenizer)
 
 
 @pytest.mark.parametrize("vocab", [97, 1024, 4096, 262_144])
