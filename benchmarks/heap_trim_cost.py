@@ -15,7 +15,7 @@ Reported per case: median s/step with and without trimming, and the paired diffe
 (trimmed − untrimmed, adjacent steps, the first two steps of each run left out): mean ± standard
 error, and as a share of the untrimmed median.
 
-    python benchmarks/heap_trim_cost.py                      # both cases, 50 steps, ~12 min on 2 CPU cores
+    python benchmarks/heap_trim_cost.py                      # both cases, 50 steps, ~13 min on 2 CPU cores
     python benchmarks/heap_trim_cost.py --cases kdistill_cache --steps 12   # a quick look
 
 Prints a table and writes ``benchmarks/results/heap_trim_cost.json``.
@@ -60,6 +60,12 @@ def paired_difference(seconds: list[float], trimmed: list[bool]) -> dict:
             "median_untrimmed": statistics.median(s for s, t in zip(seconds, trimmed) if not t)}
 
 
+def _case_args(args) -> argparse.Namespace:
+    """``llm_kd.py``'s settings for its cases: forward KL + CE (weight 1), fp32 teacher, lr 3e-4, trimming on."""
+    return argparse.Namespace(**{**vars(args), "ce_weight": 1.0, "teacher_dtype": "float32", "lr": 3e-4,
+                                 "gradient_checkpointing": False, "trim_heap": True})
+
+
 def _run(case: str, first_trimmed: bool, args, out: Path, train: Path, held: Path, queue) -> None:
     import torch
 
@@ -72,9 +78,7 @@ def _run(case: str, first_trimmed: bool, args, out: Path, train: Path, held: Pat
     from kdistill.distill.trainer import train as train_loop
     from kdistill.recipe import parse_recipe
 
-    case_args = argparse.Namespace(**{**vars(args), "ce_weight": 1.0, "teacher_dtype": "float32", "lr": 3e-4,
-                                      "gradient_checkpointing": False, "trim_heap": True})
-    recipe = parse_recipe(llm_kd._recipe_text(case, "trimmed", out, train, held, case_args))
+    recipe = parse_recipe(llm_kd._recipe_text(case, "trimmed", out, train, held, _case_args(args)))
     job, _, _, _ = build_job(recipe)
     gate = {"on": first_trimmed, "steps": []}
     untouched_trim = memory.trim_heap
@@ -95,9 +99,7 @@ def _write_cache(args, out: Path, train: Path, held: Path) -> None:
     """The cache case's top-64 cache, written in a process of its own (skipped when complete)."""
     from kdistill.recipe import parse_recipe
 
-    case_args = argparse.Namespace(**{**vars(args), "ce_weight": 1.0, "teacher_dtype": "float32", "lr": 3e-4,
-                                      "gradient_checkpointing": False, "trim_heap": True})
-    recipe = parse_recipe(llm_kd._recipe_text("kdistill_cache", "trimmed", out, train, held, case_args))
+    recipe = parse_recipe(llm_kd._recipe_text("kdistill_cache", "trimmed", out, train, held, _case_args(args)))
     ctx = mp.get_context("spawn")
     seconds = ctx.Queue()  # held here until the child has it
     proc = ctx.Process(target=llm_kd._write_cache, args=(recipe, args.threads, seconds))
