@@ -147,6 +147,13 @@ def _grads(loss, head, hidden):
     return torch.autograd.grad(loss, [hidden, head.weight, head.bias])
 
 
+def _assert_same_value_and_grads(got, want, head, hidden, rel: float = 1e-5) -> None:
+    """Same loss value and the same gradients for the hidden states, head weight and bias."""
+    assert got.item() == pytest.approx(want.item(), rel=rel, abs=1e-7)
+    for a, b in zip(_grads(got, head, hidden), _grads(want, head, hidden)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _dense_logits(hidden, head):
     return head.logits(hidden.reshape(-1, hidden.shape[-1])).reshape(*hidden.shape[:-1], -1)
 
@@ -176,9 +183,7 @@ def test_chunked_equals_dense_for_sparse_targets_of_every_kind(kind: str, temper
     kw = {"kind": kind, "temperature": temperature, "missing_mass": missing_mass, "beta": 0.3}
     dense = distribution_loss(_dense_logits(hidden, head), targets, mask, **kw)
     chunked = chunked_distribution_loss(hidden, head, targets, mask, chunk_size=4, **kw)
-    assert chunked.item() == pytest.approx(dense.item(), rel=1e-5, abs=1e-7)
-    for a, b in zip(_grads(chunked, head, hidden), _grads(dense, head, hidden)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_value_and_grads(chunked, dense, head, hidden)
 
 
 @pytest.mark.parametrize("target", ["hidden", "sparse", "ensemble"])
@@ -191,9 +196,7 @@ def test_chunked_gradient_accumulation_invariance_for_every_kind_and_target(kind
     n = mask.sum()
     parts = sum(chunked_distribution_loss(hidden[i:i + 1], head, rows(targets, i, i + 1), mask[i:i + 1], num_valid=n,
                                           **kw) for i in range(3))
-    assert parts.item() == pytest.approx(whole.item(), rel=1e-5)
-    for a, b in zip(_grads(parts, head, hidden), _grads(whole, head, hidden)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_value_and_grads(parts, whole, head, hidden)
 
 
 @pytest.mark.parametrize("target", ["hidden", "sparse", "ensemble"])
