@@ -295,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     except KdistillError as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the file system refused a path the user gave (a file where a folder goes, ...)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"kdistill: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdistill: interrupted; what was written is kept (checkpoints, cache shards): rerun `kdistill run` "
+              "or `kdistill cache` to continue, `kdistill distill` with --resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -331,6 +331,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key (expected key.sub=value)")
         target: Any = data
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
@@ -343,7 +345,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is not a mapping or list")
             if last:
-                target[index] = yaml.safe_load(raw)
+                try:
+                    target[index] = yaml.safe_load(raw)
+                except yaml.YAMLError as error:
+                    problem = getattr(error, "problem", None) or _first_line(error)
+                    raise ConfigError(f"override {item!r}: malformed YAML value: {problem}") from None
             else:
                 if isinstance(target, dict) and target.get(index) is None:
                     target[index] = {}
@@ -373,29 +379,41 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None 
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        # an unknown field is usually a misspelt known one: report it before the "missing" it causes
-        first = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        loc = tuple(first["loc"])
-        field = ".".join(str(p) for p in loc) or "recipe"
-        line = _yaml_line(root, loc)
-        where = f" line {line}" if line is not None else ""
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "missing":
-            message = "required field is missing"
-        elif first["type"] == "extra_forbidden":
-            message = "unknown field"
-        raise ConfigError(f"{source}{where}, {field}: {message}") from None
+        raise ConfigError(_validation_message(error, root, source, overrides or [])) from None
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
+
+
+def _validation_message(error: ValidationError, root, source: str, overrides: list[str]) -> str:
+    """``<source> line N, <field>: <message>``, or ``override 'k=v', <field>: ...`` when an override set it."""
+    # an unknown field is usually a misspelt known one: report it before the "missing" it causes
+    first = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(p) for p in loc) or "recipe"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "required field is missing"
+    elif first["type"] == "extra_forbidden":
+        message = "unknown field"
+    # the last override that set this field or one above or below it, else the recipe's line
+    for item in reversed(overrides):
+        key = tuple(item.split("=", 1)[0].split("."))
+        if key and [str(p) for p in loc[:len(key)]] == list(key[:len(loc)]):
+            return f"override {item!r}, {field}: {message}"
+    line = _yaml_line(root, loc)
+    where = f" line {line}" if line is not None else ""
+    return f"{source}{where}, {field}: {message}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate the recipe at ``path``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read recipe {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     return parse_recipe(text, str(path), overrides)
 
 

@@ -42,3 +42,31 @@ def test_losses_lists_every_registered_kind() -> None:
     assert result.returncode == 0
     for entry in all_losses():
         assert entry.kind in result.stdout
+
+
+def test_recipe_overrides_encoding_and_devices_give_one_line_errors(tmp_path, capsys) -> None:
+    from kdistill.cli import main  # in process: eight interpreters would take a minute
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: r\ntask: causal\nstudent: {model: gpt2}\ndata: {train: {source: train.jsonl}}\n"
+                      "objective: [{kind: ce}]\ntraining: {learning_rate: 1.0e-4}\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name: r\n")
+    cases = [
+        (["validate", str(recipe), "training.learning_rate=[1"],
+         "override 'training.learning_rate=[1': malformed YAML value"),
+        (["validate", str(recipe), "training.learning_rate=fast"],
+         "override 'training.learning_rate=fast', training.learning_rate: Input should be a valid number"),
+        (["validate", str(recipe), "a.b=c"], "override 'a.b=c', a: unknown field"),
+        (["validate", str(recipe), "=3"], "override '=3': empty key"),
+        (["validate", str(binary)], f"{binary}: not UTF-8 text (byte 0)"),
+        (["evaluate", str(tmp_path), "--device", "tpu"], "--device 'tpu': expected cpu, cuda, cuda:N or mps"),
+        (["example", "--steps", "2", "--output", str(tmp_path / "no-such-dir" / "m.json")],
+         f"No such file or directory: {tmp_path / 'no-such-dir' / 'm.json'}"),
+    ]
+    for args, message in cases:
+        code = main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (args, lines)
+        assert lines[0].startswith(f"kdistill: error: {message}"), (args, lines)
+    assert main(["validate", str(recipe), "training.max_steps=5"]) == 0

@@ -36,6 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kdistill.blackbox.backends import BlackBoxError, Completion, LocalTeacher, SamplingParams
+from kdistill.devices import check_device
 from kdistill.errors import ConfigError, KdistillError
 
 logger = logging.getLogger(__name__)
@@ -468,6 +469,7 @@ def serve(
 def _cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], not {args.port}")
+    check_device(args.device)
     faults = FaultPlan.parse(args.faults) if args.faults else None
     api_key = None
     if args.api_key_env:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -109,6 +110,6 @@ def load_checkpoint(
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:  # a truncated or corrupt file
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot resume from {path}: {first}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -215,6 +216,29 @@ def check_run_dir(recipe: Recipe, *, resume: bool, force: bool) -> None:
                           "or --force to overwrite it")
     if not resume and (run_dir / "checkpoints").exists():
         raise ConfigError(f"{run_dir} already holds a run; --resume to continue it or --force to start over")
+    if resume and (run_dir / "summary.json").exists():
+        raise ConfigError(f"--resume: the run in {run_dir} has finished (summary.json); nothing to resume "
+                          "(--force starts it over)")
+
+
+# what a distillation run writes into its run directory (and an evaluation of its student: report/)
+RUN_OUTPUTS = ("checkpoints", "student", "summary.json", "metrics.jsonl", "tensorboard", "report")
+
+
+def start_run_dir(recipe: Recipe, *, force: bool) -> None:
+    """Write the validated recipe into the run directory; with ``force``, first remove what an
+    earlier run of this directory wrote (:data:`RUN_OUTPUTS`), so none of it is taken for this run's.
+
+    Called once the run has been set up (data, models, objective checked), so bad input never
+    reaches the directory."""
+    if force:
+        for name in RUN_OUTPUTS:
+            path = recipe.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    save_recipe(recipe)
 
 
 def save_recipe(recipe: Recipe) -> Path:
@@ -241,9 +265,10 @@ def run_distill(recipe: Recipe, *, resume: bool = False, force: bool = False, pr
     acc = accelerator or make_accelerator(recipe.training.bf16)
     check_run_dir(recipe, resume=resume, force=force)
     job, tokenizer, sizes, extras = build_job(recipe)  # data and models load before anything is written
-    run_dir = save_recipe(recipe) if acc.is_main_process else recipe.run_dir
-    acc.wait_for_everyone()
-    result: TrainResult = train(job, resume=resume, accelerator=acc, progress=progress)
+    run_dir = recipe.run_dir
+    # the recipe (and, with --force, clearing the old outputs) once training is set up: bad input writes nothing
+    result: TrainResult = train(job, resume=resume, accelerator=acc, progress=progress,
+                                on_ready=lambda: start_run_dir(recipe, force=force and not resume))
     summary = {"recipe": recipe.name, "run_dir": str(run_dir), "parameters": sizes, **asdict(result),
                "processes": acc.num_processes}
     if acc.is_main_process:

@@ -146,8 +146,11 @@ def evaluate(model: nn.Module, task: str, examples: list[dict], collator: Callab
 
 
 def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``job.student``; write checkpoints, ``metrics.jsonl`` and the exported student."""
+          progress: bool = True, on_ready: Callable[[], None] | None = None) -> TrainResult:
+    """Train ``job.student``; write checkpoints, ``metrics.jsonl`` and the exported student.
+
+    ``on_ready`` runs on the main process once everything is set up (a probe batch through the
+    student and teachers included), before anything is written: where a caller writes its own files."""
     cfg = job.training
     acc = accelerator or make_accelerator(cfg.bf16)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
@@ -184,6 +187,9 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
                               num_training_steps=total_steps)
     wrapped = acc.prepare(student)  # DDP across processes; the teachers are never wrapped
     distiller.student = wrapped
+
+    if on_ready is not None and acc.is_main_process:
+        on_ready()
 
     # -- resume
     state = TrainerState()

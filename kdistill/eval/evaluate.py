@@ -24,6 +24,7 @@ import torch
 from kdistill.data import CausalLMFormat, ClassificationFormat, Collator, MaskedLMFormat, infer_labels, load_rows
 from kdistill.data.instruction import InstructionFormat, alpaca_prompt
 from kdistill.data.sources import split_rows
+from kdistill.devices import check_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.eval.quality import (
     check_classifiers,
@@ -340,7 +341,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     common = dict(batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
                   max_generate=args.max_generate, max_new_tokens=args.max_new_tokens, speed=not args.no_speed,
-                  device=args.device)
+                  device=check_device(args.device))
     if args.run_dir is not None:
         given = [f"--{n}" for n in ("student", "task") if getattr(args, n) is not None]
         if given:

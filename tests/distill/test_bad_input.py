@@ -110,3 +110,80 @@ def test_nan_loss_exits_2_and_keeps_the_last_checkpoint(tmp_path, tiny_assets) -
     optimizer = torch.load(kept / "optimizer.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for st in optimizer["state"].values() for v in st.values()
                if isinstance(v, torch.Tensor))
+
+
+def test_force_starts_over_and_bad_input_writes_nothing(capsys, tmp_path, tiny_assets) -> None:
+    """--force removes the earlier run's checkpoints, student and report (none of it is taken for
+    the new run's); a forced run refused for bad input leaves the directory as it was."""
+    text = _recipe(tmp_path, tiny_assets, training="  save_steps: 3\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    run_dir = tmp_path / "run"
+    assert main(["distill", str(path), "--no-progress"]) == 0
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "report.html").write_text("the first student's report")
+    assert main(["distill", str(path), "--no-progress", "--force", "training.max_steps=3"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["step-000003"]
+    assert not (run_dir / "report").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    err = _distill(capsys, tmp_path, text.replace("  - {kind: ce}\n", "  - {kind: hidden_mse, layers: [[7, 9]]}\n"),
+                   "--force")
+    assert "hidden state index 7 out of range" in err
+    assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(capsys, tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets, training="  save_steps: 3\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    assert main(["distill", str(path), "--no-progress"]) == 0
+    summary = (tmp_path / "run" / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert "has finished (summary.json); nothing to resume" in _distill(capsys, tmp_path, text, "--resume")
+    assert (tmp_path / "run" / "summary.json").read_bytes() == summary
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(capsys, tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets, training="  save_steps: 3\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    assert main(["distill", str(path), "--no-progress"]) == 0
+    (tmp_path / "run" / "summary.json").unlink()  # as if stopped before the end
+    weights = tmp_path / "run" / "checkpoints" / "step-000006" / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    err = _distill(capsys, tmp_path, text, "--resume")
+    assert "cannot resume from" in err and "step-000006" in err and "header" in err
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(capsys, tmp_path, tiny_assets) -> None:
+    blocker = tmp_path / "run"
+    blocker.write_text("not a folder")
+    err = _distill(capsys, tmp_path, _recipe(tmp_path, tiny_assets))
+    assert str(blocker) in err and blocker.read_text() == "not a folder"
+
+
+def test_ctrl_c_is_one_line_with_exit_130_and_keeps_the_checkpoint(tmp_path, tiny_assets) -> None:
+    text = _recipe(tmp_path, tiny_assets, training="  save_steps: 2\n", max_steps=8)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    script = (
+        "import sys\n"
+        "import kdistill.distill.trainer as trainer\n"
+        "check = trainer._check_finite\n"
+        "def interrupt(step, values, batch):\n"
+        "    if step == 4:\n"
+        "        raise KeyboardInterrupt\n"
+        "    check(step, values, batch)\n"
+        "trainer._check_finite = interrupt\n"
+        "from kdistill.cli import main\n"
+        f"sys.exit(main(['distill', {str(path)!r}, '--no-progress']))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("kdistill: interrupted; what was written is kept")
+    assert (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
