@@ -357,6 +357,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _duplicate_key(node) -> tuple[str, int, int] | None:
+    """The first key written twice in one mapping of the composed YAML: (key, line, first line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key, value in node.value:
+            name = getattr(key, "value", None)
+            if isinstance(name, str) and name in seen:
+                return name, key.start_mark.line + 1, seen[name]
+            seen[name] = key.start_mark.line + 1
+            found = _duplicate_key(value)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found is not None:
+                return found
+    return None
+
+
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0]
 
@@ -375,6 +395,11 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] | None 
         raise ConfigError(f"{source}{where}: malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping (name:, task:, student:, ...)")
+    duplicate = _duplicate_key(root)
+    if duplicate is not None:
+        key, line, first = duplicate
+        raise ConfigError(f"{source} line {line}: duplicate key {key!r} (first at line {first}); YAML would keep "
+                          "only the last")
     data = apply_overrides(data, overrides or [])
     try:
         return Recipe.model_validate(data)

@@ -89,3 +89,12 @@ def test_load_recipe_missing_file(tmp_path) -> None:
                                   "recipes/sst2-minilm-teacher.yaml"])
 def test_shipped_recipes_validate(path: str) -> None:
     assert load_recipe(path).objective
+
+
+def test_a_key_written_twice_names_both_lines() -> None:
+    text = BASE + "training:\n  max_steps: 3\ntraining:\n  learning_rate: 1.0e-4\n"  # BASE has 11 lines
+    with pytest.raises(ConfigError, match=r"^r\.yaml line 14: duplicate key 'training' \(first at line 12\)"):
+        parse_recipe(text, "r.yaml")
+    nested = BASE + "training:\n  max_steps: 3\n  max_steps: 4\n"
+    with pytest.raises(ConfigError, match=r"^r\.yaml line 14: duplicate key 'max_steps' \(first at line 13\)"):
+        parse_recipe(nested, "r.yaml")

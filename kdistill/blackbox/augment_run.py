@@ -150,7 +150,17 @@ def synthetic_rows(recipe: Recipe, n_real: int, labels: list[str]) -> list[dict]
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {i + 1}: invalid JSON ({error.msg})") from None
+        missing = [key for key in ("text", "label", "probs") if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise DataError(f"{path} line {i + 1}: missing field {missing[0]!r}")
+        probs = row["probs"]
+        if not isinstance(probs, list) or len(probs) != len(verbalizers):
+            raise DataError(f"{path} line {i + 1}: probs must be a list of {len(verbalizers)} probabilities "
+                            f"(one per label), got {probs!r}")
         if row["label"] not in verbalizers:
             raise DataError(f"{path} line {i + 1}: label {row['label']!r} is not one of {verbalizers}")
         rows.append({recipe.data.text_column: row["text"],

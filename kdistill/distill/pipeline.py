@@ -98,12 +98,15 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
 
     needs_same_vocab = any(_family(t.kind) == "response" and t.kind != "ce" for t in recipe.objective)
     vocab_size = None
-    if needs_same_vocab and recipe.task != "classification":
+    if recipe.signal.source != "cache" or (needs_same_vocab and recipe.task != "classification"):
         for t_spec in recipe.teachers:
             if not _same_vocabulary(load_tokenizer(t_spec.model, trust_remote_code=recipe.trust_remote_code),
                                     tokenizer):
-                raise ConfigError(f"teacher {t_spec.model!r} and the student use different tokenizers; response "
-                                  "terms compare distributions over one vocabulary")
+                why = ("response terms compare distributions over one vocabulary"
+                       if needs_same_vocab and recipe.task != "classification"
+                       else "a live teacher reads the student's token ids")
+                raise ConfigError(f"teacher {t_spec.model!r} and the student use different tokenizers; {why}")
+    if needs_same_vocab and recipe.task != "classification":
         widths = {m.get_output_embeddings().weight.shape[0] for m in [student, *teacher_models]
                   if m.get_output_embeddings() is not None}
         if len(widths) > 1:

@@ -853,7 +853,7 @@ def open_cache(
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise DataError(f"cache {cache_dir}: no {MANIFEST} (not a teacher cache, or write_cache never finished a shard)") from None
+        raise DataError(f"cache {cache_dir}: no {MANIFEST} (not a teacher cache, or `kdistill cache` never finished a shard)") from None
     except OSError as err:
         raise DataError(f"{path}: unreadable ({err.strerror})") from None
     manifest = Manifest.from_json(text, str(path))
@@ -861,6 +861,6 @@ def open_cache(
     if not manifest.complete:
         done = sum(s["n_examples"] for s in manifest.shards)
         raise DataError(
-            f"cache {cache_dir}: incomplete ({done} of {manifest.n_examples} examples); rerun write_cache to finish it"
+            f"cache {cache_dir}: incomplete ({done} of {manifest.n_examples} examples); rerun `kdistill cache` on the recipe to finish it"
         )
     return TeacherCache(cache_dir, manifest, verify, max_loaded_shards)

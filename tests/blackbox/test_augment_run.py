@@ -77,3 +77,22 @@ def test_training_mixes_synthetic_rows_at_the_ratio(tmp_path, tiny_assets, monke
     (job,) = jobs
     soft = [ex["soft_labels"] for ex in job.train_examples if ex.get("soft_labels") is not None]
     assert len(job.train_examples) == 96 + 48 and soft == [pytest.approx([0.2, 0.8])] * 48
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"text": "cut off', "line 2: invalid JSON"),
+    ('{"text": "fine film", "probs": [0.3, 0.7]}', "line 2: missing field 'label'"),
+    ('{"text": "fine film", "label": "positive"}', "line 2: missing field 'probs'"),
+    ('{"text": "fine film", "label": "positive", "probs": [1.0]}', "line 2: probs must be a list of 2"),
+])
+def test_bad_synthetic_rows_name_the_file_and_line(tmp_path, tiny_assets, line: str, message: str) -> None:
+    from kdistill.blackbox.augment_run import synthetic_path, synthetic_rows
+    from kdistill.errors import DataError
+
+    recipe = parse_recipe(_recipe(tmp_path, tiny_assets, tiny_assets["gpt2"]))
+    path = synthetic_path(recipe)
+    path.parent.mkdir(parents=True)
+    good = json.dumps({"text": "the movie was great fun", "label": "positive", "probs": [0.2, 0.8]})
+    path.write_text(f"{good}\n{line}\n{good}\n")
+    with pytest.raises(DataError, match=f"^{path} {message}"):
+        synthetic_rows(recipe, 96, ["0", "1"])

@@ -187,3 +187,12 @@ def test_ctrl_c_is_one_line_with_exit_130_and_keeps_the_checkpoint(tmp_path, tin
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("kdistill: interrupted; what was written is kept")
     assert (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
+
+
+def test_a_live_teacher_with_another_tokenizer_is_refused(capsys, tmp_path, tiny_assets) -> None:
+    """A classification teacher reads the student's token ids: a student with another vocabulary
+    would index past the teacher's embedding (it was an IndexError deep in the teacher)."""
+    text = _recipe(tmp_path, tiny_assets, student=f"  model: {tiny_assets['gpt2']}\n")
+    err = _distill(capsys, tmp_path, text)
+    assert "and the student use different tokenizers; a live teacher reads the student's token ids" in err
+    assert not (tmp_path / "run").exists()
