@@ -61,6 +61,8 @@ def test_recipe_overrides_encoding_and_devices_give_one_line_errors(tmp_path, ca
         (["validate", str(recipe), "=3"], "override '=3': empty key"),
         (["validate", str(binary)], f"{binary}: not UTF-8 text (byte 0)"),
         (["evaluate", str(tmp_path), "--device", "tpu"], "--device 'tpu': expected cpu, cuda, cuda:N or mps"),
+        (["evaluate", str(tmp_path), "--text-column", "sentence", "--max-length", "64"],
+         "--text-column, --max-length: without RUN_DIR only"),
         (["example", "--steps", "2", "--output", str(tmp_path / "no-such-dir" / "m.json")],
          f"No such file or directory: {tmp_path / 'no-such-dir' / 'm.json'}"),
     ]

@@ -64,13 +64,13 @@ class GPT3MixConfig:
             raise ConfigError("augment: text_type and label_type must be named (e.g. 'movie review', 'sentiment')")
         names = [label.strip() for label in self.labels]
         if len(names) < 2:
-            raise ConfigError(f"augment.labels: need at least two labels, got {list(self.labels)}")
+            raise ConfigError(f"augment.verbalizers (or the data labels): need at least two labels, got {list(self.labels)}")
         if any(not n for n in names):
-            raise ConfigError("augment.labels: a label is empty")
+            raise ConfigError("augment.verbalizers (or the data labels): a label is empty")
         lowered = [n.lower() for n in names]
         dupes = sorted({n for n in lowered if lowered.count(n) > 1})
         if dupes:
-            raise ConfigError(f"augment.labels: duplicate label {dupes[0]!r}")
+            raise ConfigError(f"augment.verbalizers (or the data labels): duplicate label {dupes[0]!r}")
         if self.k < 1:
             raise ConfigError(f"augment.k must be ≥ 1, got {self.k}")
         if self.sampling not in ("uniform", "balanced"):

@@ -333,6 +333,10 @@ def _slug(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(ref.rstrip("/")).name or ref).strip("-") or "student"
 
 
+# how to read --data when no run's recipe says it
+_DATA_OPTIONS = ("text_column", "text_pair_column", "label_column", "labels", "format", "max_length")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
@@ -343,9 +347,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                   max_generate=args.max_generate, max_new_tokens=args.max_new_tokens, speed=not args.no_speed,
                   device=check_device(args.device))
     if args.run_dir is not None:
-        given = [f"--{n}" for n in ("student", "task") if getattr(args, n) is not None]
+        given = [f"--{n.replace('_', '-')}" for n in ("student", "task") + _DATA_OPTIONS if getattr(args, n) is not None]
         if given:
-            raise ConfigError(f"{' and '.join(given)} apply without RUN_DIR (the run names its student and task)")
+            raise ConfigError(f"{', '.join(given)}: without RUN_DIR only (the run's recipe names its student, task "
+                              "and data columns)")
         metrics = evaluate_run(args.run_dir, data=args.data, teacher=args.teacher, out_dir=args.out, force=args.force,
                                **common)
     else:
@@ -353,11 +358,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         if missing:
             raise ConfigError(f"give RUN_DIR, or all of --teacher, --student, --task and --data (missing "
                               f"{', '.join(missing)})")
-        cols = DataColumns(text_column=args.text_column, text_pair_column=args.text_pair_column,
-                           label_column=args.label_column,
-                           labels=[x.strip() for x in args.labels.split(",")] if args.labels else None,
-                           format=args.format, max_length=args.max_length)
-        rows = load_rows(args.data, text_column=args.text_column)
+        given = {n: getattr(args, n) for n in _DATA_OPTIONS if getattr(args, n) is not None}
+        if "labels" in given:
+            given["labels"] = [x.strip() for x in given["labels"].split(",")]
+        cols = DataColumns(**given)  # its defaults for the rest
+        rows = load_rows(args.data, text_column=cols.text_column)
         metrics = evaluate_pair(args.teacher, args.student, args.task, rows, columns=cols, source=args.data, **common)
         out = Path(args.out) if args.out else Path("runs") / f"eval-{_slug(args.student)}"
         paths = write_report(out, metrics, None, force=args.force)
@@ -381,13 +386,14 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--student", help="student model reference (without RUN_DIR)")
     p.add_argument("--task", choices=TASKS, help="classification, mlm or causal (without RUN_DIR)")
     p.add_argument("--data", help="held-out data file (with RUN_DIR: instead of the recipe's validation split)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column", default=None)
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--labels", help="comma-separated label names, in the heads' order")
-    p.add_argument("--format", choices=("text", "instruction"), default="text",
-                   help="causal LMs: raw text or instruction/input/output rows (ROUGE-L of greedy outputs)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--text-column", help="without RUN_DIR (default text)")
+    p.add_argument("--text-pair-column", help="without RUN_DIR")
+    p.add_argument("--label-column", help="without RUN_DIR (default label)")
+    p.add_argument("--labels", help="without RUN_DIR: comma-separated label names, in the heads' order")
+    p.add_argument("--format", choices=("text", "instruction"),
+                   help="without RUN_DIR, causal LMs: raw text (default) or instruction/input/output rows "
+                        "(ROUGE-L of greedy outputs)")
+    p.add_argument("--max-length", type=int, help="without RUN_DIR: tokens per example (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch and the larger speed batch")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions; medians reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
