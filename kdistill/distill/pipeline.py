@@ -82,7 +82,8 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
         train_rows = train_rows + synthetic_rows(recipe, len(train_rows), labels)
     head_kwargs = {"labels": labels} if recipe.task == "classification" else {}
 
-    teacher_models = [load_model(t.model, recipe.task, trust_remote_code=recipe.trust_remote_code, **head_kwargs)
+    teacher_models = [load_model(t.model, recipe.task, trust_remote_code=recipe.trust_remote_code, trained=True,
+                                 **head_kwargs)
                       for t in recipe.teachers]
     spec = recipe.student
     if spec.init_from_teacher is not None:
@@ -196,7 +197,7 @@ def run_cache(recipe: Recipe, progress=None) -> dict:
     rows, _, labels = _split_rows(recipe)
     tokenizer = load_tokenizer(recipe.teachers[0].model, trust_remote_code=recipe.trust_remote_code)
     examples = _format(recipe, labels).encode(rows, tokenizer, source_name=recipe.data.train.source)
-    teacher = load_model(recipe.teachers[0].model, "causal", trust_remote_code=recipe.trust_remote_code)
+    teacher = load_model(recipe.teachers[0].model, "causal", trust_remote_code=recipe.trust_remote_code, trained=True)
     teacher = set_inference_precision(teacher, recipe.teachers[0].dtype)
     signal = recipe.signal
     manifest = write_cache(recipe.cache_dir, teacher, tokenizer, examples, k=signal.k,

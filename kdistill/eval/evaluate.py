@@ -147,7 +147,7 @@ def evaluate_pair(teacher_ref: str, student_ref: str, task: str, rows: list[dict
     refs = {"teacher": teacher_ref, "student": student_ref}
     tokenizers = {k: load_tokenizer(r, trust_remote_code=trust_remote_code) for k, r in refs.items()}
     head = {"labels": head_labels} if task == "classification" and head_labels else {}
-    models = {k: load_model(r, task, trust_remote_code=trust_remote_code, **head).to(device).eval()
+    models = {k: load_model(r, task, trust_remote_code=trust_remote_code, trained=True, **head).to(device).eval()
               for k, r in refs.items()}
     teacher, student = models["teacher"], models["student"]
 

@@ -110,11 +110,14 @@ def load_model(
     labels: list[str] | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    trained: bool = False,
 ) -> PreTrainedModel:
     """Load a model reference with the head of ``task``.
 
     ``classification`` takes ``num_labels`` and/or ``labels`` (names, which set ``id2label`` /
-    ``label2id``); a head missing from the checkpoint is freshly initialised.
+    ``label2id``); a head missing from the checkpoint is freshly initialised, unless ``trained``
+    (a teacher, a model being evaluated): then any weight missing from the checkpoint is a
+    :class:`ModelError` naming it, not a random head that would give meaningless targets or scores.
     """
     if task not in _AUTO_CLASSES:
         raise ConfigError(f"task {task!r} is not one of {', '.join(_AUTO_CLASSES)}")
@@ -127,9 +130,14 @@ def load_model(
         kwargs["dtype"] = dtype
     path = resolve_model_path(ref)
     try:
-        model = _AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+        model, info = _AUTO_CLASSES[task].from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load model {ref!r} for task {task!r}: {_one_line(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if trained and missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelError(f"model {ref!r} has no trained {task} head: {shown} not in its checkpoint (would be "
+                         "random); give a model trained for this task")
     logger.info("loaded %s from %s", type(model).__name__, path)
     return model
 

@@ -196,3 +196,13 @@ def test_a_live_teacher_with_another_tokenizer_is_refused(capsys, tmp_path, tiny
     err = _distill(capsys, tmp_path, text)
     assert "and the student use different tokenizers; a live teacher reads the student's token ids" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_without_a_trained_head_is_refused(capsys, tmp_path, tiny_assets) -> None:
+    """A causal LM as a classification teacher would get a random classification head: refused
+    by name instead of distilling from meaningless targets."""
+    text = _recipe(tmp_path, tiny_assets).replace(f"teacher: {tiny_assets['bert-cls']}",
+                                                  f"teacher: {tiny_assets['gpt2']}")
+    err = _distill(capsys, tmp_path, text)
+    assert f"model '{tiny_assets['gpt2']}' has no trained classification head: score.weight not in its" in err
+    assert not (tmp_path / "run").exists()
