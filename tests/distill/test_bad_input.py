@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -23,6 +24,14 @@ def _distill(capsys, tmp_path, text: str, *extra: str) -> str:
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("kdistill: error: ")
     return err
+
+
+def _distill_patched(recipe: Path, patch: str) -> subprocess.CompletedProcess:
+    """``kdistill distill RECIPE`` in a fresh interpreter after running ``patch`` (Python source)."""
+    script = (f"import sys\n{patch}\nfrom kdistill.cli import main\n"
+              f"sys.exit(main(['distill', {str(recipe)!r}, '--no-progress']))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_layer_index_out_of_range(capsys, tmp_path, tiny_assets) -> None:
@@ -81,8 +90,7 @@ def test_nan_loss_exits_2_and_keeps_the_last_checkpoint(tmp_path, tiny_assets) -
     text = _recipe(tmp_path, tiny_assets, training="  save_steps: 2\n", max_steps=8)
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
-    script = (
-        "import sys, torch\n"
+    result = _distill_patched(path, (
         "import kdistill.signals.live as live\n"
         "orig = live.LiveTeachers.__call__\n"
         "calls = {'n': 0}\n"
@@ -92,12 +100,7 @@ def test_nan_loss_exits_2_and_keeps_the_last_checkpoint(tmp_path, tiny_assets) -
         "    if calls['n'] > 5:\n"
         "        out[0]['logits'] = out[0]['logits'] * float('nan')\n"
         "    return out\n"
-        "live.LiveTeachers.__call__ = poisoned\n"
-        "from kdistill.cli import main\n"
-        f"sys.exit(main(['distill', {str(path)!r}, '--no-progress']))\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        "live.LiveTeachers.__call__ = poisoned"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("kdistill: error: step 6: loss term forward_kl is nan")
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
@@ -169,20 +172,14 @@ def test_ctrl_c_is_one_line_with_exit_130_and_keeps_the_checkpoint(tmp_path, tin
     text = _recipe(tmp_path, tiny_assets, training="  save_steps: 2\n", max_steps=8)
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
-    script = (
-        "import sys\n"
+    result = _distill_patched(path, (
         "import kdistill.distill.trainer as trainer\n"
         "check = trainer._check_finite\n"
         "def interrupt(step, values, batch):\n"
         "    if step == 4:\n"
         "        raise KeyboardInterrupt\n"
         "    check(step, values, batch)\n"
-        "trainer._check_finite = interrupt\n"
-        "from kdistill.cli import main\n"
-        f"sys.exit(main(['distill', {str(path)!r}, '--no-progress']))\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        "trainer._check_finite = interrupt"))
     assert result.returncode == 130, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("kdistill: interrupted; what was written is kept")
