@@ -155,6 +155,9 @@ def evaluate_pair(teacher_ref: str, student_ref: str, task: str, rows: list[dict
     if task == "classification":
         check_classifiers(teacher, student)
         names = head_labels or cols.labels or label_names(teacher)
+        if len(names) != teacher.config.num_labels:
+            raise ConfigError(f"{len(names)} label names ({', '.join(map(str, names))}) for heads of "
+                              f"{teacher.config.num_labels} classes: give one name per class, in the heads' order")
         encoded = {}
         for k in refs:
             fmt = ClassificationFormat(cols.text_column, cols.text_pair_column, cols.label_column, names,

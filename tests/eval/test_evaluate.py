@@ -144,6 +144,14 @@ def test_non_comparable_teacher_and_student_are_refused(tiny_assets, tmp_path) -
         evaluate_pair(str(tiny_assets["gpt2"]), str(tmp_path / "other-vocab"), "causal", rows, speed=False)
 
 
+def test_label_names_must_match_the_heads(tiny_assets) -> None:
+    rows = [json.loads(line) for line in tiny_assets["dev"].read_text().splitlines()]
+    cols = DataColumns(labels=["a", "b", "c"])  # the heads have 2 classes
+    with pytest.raises(ConfigError, match=r"^3 label names \(a, b, c\) for heads of 2 classes"):
+        evaluate_pair(str(tiny_assets["bert-cls"]), str(tiny_assets["bert-cls"]), "classification", rows,
+                      columns=cols, speed=False)
+
+
 def test_instruction_data_scores_greedy_generations_with_rouge_l(tiny_assets) -> None:
     rows = [{"instruction": "is the movie good", "input": "", "output": "the movie was good"},
             {"instruction": "was the film dull", "input": "the plot", "output": "the film was very dull"}]
