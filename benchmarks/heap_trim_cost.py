@@ -100,13 +100,7 @@ def _write_cache(args, out: Path, train: Path, held: Path) -> None:
     from kdistill.recipe import parse_recipe
 
     recipe = parse_recipe(llm_kd._recipe_text("kdistill_cache", "trimmed", out, train, held, _case_args(args)))
-    ctx = mp.get_context("spawn")
-    seconds = ctx.Queue()  # held here until the child has it
-    proc = ctx.Process(target=llm_kd._write_cache, args=(recipe, args.threads, seconds))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        sys.exit(f"kdistill cache failed (exit code {proc.exitcode})")
+    llm_kd.write_cache_apart(recipe, args.threads)
 
 
 def main() -> None:

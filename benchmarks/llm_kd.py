@@ -171,14 +171,7 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
     cache_seconds = None
     if case == "kdistill_cache":  # `kdistill cache`, then training in a process of its own, as a user runs them
         shutil.rmtree(recipe.cache_dir, ignore_errors=True)  # a complete cache left by an earlier run would only be checked
-        ctx = mp.get_context("spawn")
-        seconds = ctx.Queue()
-        writer = ctx.Process(target=_write_cache, args=(recipe, args.threads, seconds))
-        writer.start()
-        writer.join()
-        if writer.exitcode != 0:
-            sys.exit(f"kdistill cache failed (exit code {writer.exitcode})")
-        cache_seconds = seconds.get()
+        cache_seconds = write_cache_apart(recipe, args.threads)
     job, _, sizes, extras = build_job(recipe)
     plan = extras["vocab_plan"]
     tokens_per_row = statistics.fmean(sum(ex["attention_mask"]) for ex in job.train_examples)
@@ -233,6 +226,20 @@ def _floors(case: str, job, args, out: Path, import_rss: int) -> dict:
     rate = max(gemm_rate(shapes, dtype) for dtype in dtypes)
     return {"step_flops": flops, "gemm_flops_per_s": rate,
             "import_rss_bytes": import_rss, "state_bytes": state, "floor_rss_bytes": import_rss + state}
+
+
+def write_cache_apart(recipe, threads: int) -> float:
+    """``kdistill cache`` for ``recipe`` in a process of its own (as a user runs it); its seconds.
+
+    A complete cache is only checked. Exits if the writer fails."""
+    ctx = mp.get_context("spawn")
+    seconds = ctx.Queue()
+    writer = ctx.Process(target=_write_cache, args=(recipe, threads, seconds))
+    writer.start()
+    writer.join()
+    if writer.exitcode != 0:
+        sys.exit(f"kdistill cache failed (exit code {writer.exitcode})")
+    return seconds.get()
 
 
 def _write_cache(recipe, threads: int, seconds) -> None:

@@ -97,17 +97,18 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
         student = load_model(spec.model, recipe.task, trust_remote_code=recipe.trust_remote_code, **head_kwargs)
         tokenizer = load_tokenizer(spec.model, trust_remote_code=recipe.trust_remote_code)
 
-    needs_same_vocab = any(_family(t.kind) == "response" and t.kind != "ce" for t in recipe.objective)
+    # response terms over a vocabulary (not a classifier's labels) compare one vocabulary's distributions
+    vocab_terms = recipe.task != "classification" and any(
+        _family(t.kind) == "response" and t.kind != "ce" for t in recipe.objective)
     vocab_size = None
-    if recipe.signal.source != "cache" or (needs_same_vocab and recipe.task != "classification"):
+    if vocab_terms or recipe.signal.source != "cache":  # a live teacher reads the student's token ids
         for t_spec in recipe.teachers:
             if not _same_vocabulary(load_tokenizer(t_spec.model, trust_remote_code=recipe.trust_remote_code),
                                     tokenizer):
-                why = ("response terms compare distributions over one vocabulary"
-                       if needs_same_vocab and recipe.task != "classification"
+                why = ("response terms compare distributions over one vocabulary" if vocab_terms
                        else "a live teacher reads the student's token ids")
                 raise ConfigError(f"teacher {t_spec.model!r} and the student use different tokenizers; {why}")
-    if needs_same_vocab and recipe.task != "classification":
+    if vocab_terms:
         widths = {m.get_output_embeddings().weight.shape[0] for m in [student, *teacher_models]
                   if m.get_output_embeddings() is not None}
         if len(widths) > 1:

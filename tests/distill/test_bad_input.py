@@ -26,8 +26,10 @@ def _distill(capsys, tmp_path, text: str, *extra: str) -> str:
     return err
 
 
-def _distill_patched(recipe: Path, patch: str) -> subprocess.CompletedProcess:
-    """``kdistill distill RECIPE`` in a fresh interpreter after running ``patch`` (Python source)."""
+def _distill_patched(tmp_path: Path, text: str, patch: str) -> subprocess.CompletedProcess:
+    """``kdistill distill`` of recipe ``text`` in a fresh interpreter after running ``patch`` (Python source)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
     script = (f"import sys\n{patch}\nfrom kdistill.cli import main\n"
               f"sys.exit(main(['distill', {str(recipe)!r}, '--no-progress']))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -88,9 +90,7 @@ def test_other_recipe_in_run_dir_is_refused_without_force(capsys, tmp_path, tiny
 def test_nan_loss_exits_2_and_keeps_the_last_checkpoint(tmp_path, tiny_assets) -> None:
     """A teacher whose outputs turn NaN at step 5: the run stops there; checkpoint step-4 stays whole."""
     text = _recipe(tmp_path, tiny_assets, training="  save_steps: 2\n", max_steps=8)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text)
-    result = _distill_patched(path, (
+    result = _distill_patched(tmp_path, text, (
         "import kdistill.signals.live as live\n"
         "orig = live.LiveTeachers.__call__\n"
         "calls = {'n': 0}\n"
@@ -170,9 +170,7 @@ def test_an_output_dir_that_is_a_file_is_one_line(capsys, tmp_path, tiny_assets)
 
 def test_ctrl_c_is_one_line_with_exit_130_and_keeps_the_checkpoint(tmp_path, tiny_assets) -> None:
     text = _recipe(tmp_path, tiny_assets, training="  save_steps: 2\n", max_steps=8)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text)
-    result = _distill_patched(path, (
+    result = _distill_patched(tmp_path, text, (
         "import kdistill.distill.trainer as trainer\n"
         "check = trainer._check_finite\n"
         "def interrupt(step, values, batch):\n"
