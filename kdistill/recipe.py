@@ -11,6 +11,7 @@ the line and the field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +85,7 @@ class DataSpec(_Strict):
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    labels: list[str] | None = None
+    labels: list[str] | None = Field(None, min_length=2)  # class names; a classifier needs two or more
     max_length: int = Field(128, ge=8)
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
     format: Literal["text", "instruction"] = "text"  # causal LM: raw text, or instruction/response rows
@@ -92,6 +93,14 @@ class DataSpec(_Strict):
     input_column: str = "input"
     output_column: str = "output"
     template: Literal["alpaca", "chat"] = "alpaca"
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+        repeated = sorted({name for name in labels or [] if labels.count(name) > 1})
+        if repeated:
+            raise ValueError(f"label names must differ; repeated: {', '.join(map(repr, repeated))}")
+        return labels
 
 
 class TermSpec(_Strict):
@@ -286,9 +295,16 @@ class Recipe(_Strict):
                                      f"written at signal.temperature {self.signal.temperature}")
         init = self.student.init_from_teacher
         if init is not None and init.vocab is not None and self.task != "causal":
-            raise ValueError("student.init_from_teacher.vocab (trimming) is supported for causal LMs")
+            raise ValueError(f"student.init_from_teacher.vocab only trims causal LMs, not a {self.task} model")
         if self.augment is not None and self.task != "classification":
             raise ValueError(f"augment (GPT3Mix) makes classification data; task is {self.task}")
+        if (self.training.early_stopping_patience and self.data.validation is None
+                and not self.data.validation_fraction):
+            raise ValueError("training.early_stopping_patience needs a validation split to watch: give "
+                             "data.validation or data.validation_fraction")
+        if self.training.early_stopping_patience and not self.training.eval_steps:
+            raise ValueError("training.early_stopping_patience needs training.eval_steps (without it the "
+                             "validation split is scored only after the last step)")
         if self.data.format == "instruction" and self.task != "causal":
             raise ValueError(f"data.format instruction needs task causal, not {self.task}")
         return self
@@ -416,6 +432,10 @@ def _validation_message(error: ValidationError, root, source: str, overrides: li
     loc = tuple(first["loc"])
     field = ".".join(str(p) for p in loc) or "recipe"
     message = first["msg"].removeprefix("Value error, ")
+    named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+) (.*)", message, re.DOTALL) if not loc else None
+    if named:  # a check across fields whose message starts with the field at fault: point at that field
+        field, message = named.groups()
+        loc = tuple(int(p) if p.isdigit() else p for p in field.split("."))
     if first["type"] == "missing":
         message = "required field is missing"
     elif first["type"] == "extra_forbidden":

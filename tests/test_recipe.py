@@ -98,3 +98,26 @@ def test_a_key_written_twice_names_both_lines() -> None:
     nested = BASE + "training:\n  max_steps: 3\n  max_steps: 4\n"
     with pytest.raises(ConfigError, match=r"^r\.yaml line 14: duplicate key 'max_steps' \(first at line 13\)"):
         parse_recipe(nested, "r.yaml")
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ("[]", r"line 8, data\.labels: List should have at least 2 items"),
+    ("['pos']", r"line 8, data\.labels: List should have at least 2 items"),
+    ("['pos', 'neg', 'pos']", r"line 8, data\.labels: label names must differ; repeated: 'pos'"),
+])
+def test_label_sets_a_classifier_cannot_use_are_refused(labels: str, message: str) -> None:
+    text = BASE.replace("  train: {source: train.jsonl}\n", f"  train: {{source: train.jsonl}}\n  labels: {labels}\n")
+    with pytest.raises(ConfigError, match=rf"^r\.yaml {message}"):
+        parse_recipe(text, "r.yaml")
+
+
+def test_early_stopping_needs_a_validation_split_and_eval_steps() -> None:
+    with pytest.raises(ConfigError, match=r"^r\.yaml line 12, training\.early_stopping_patience: needs a validation "
+                                          r"split to watch: give data\.validation or data\.validation_fraction$"):
+        parse_recipe(BASE + "training: {early_stopping_patience: 2, eval_steps: 5}\n", "r.yaml")
+    split = BASE.replace("  train: {source: train.jsonl}\n", "  train: {source: train.jsonl}\n"
+                                                              "  validation_fraction: 0.2\n")
+    with pytest.raises(ConfigError, match=r"line 13, training\.early_stopping_patience: needs training\.eval_steps"):
+        parse_recipe(split + "training: {early_stopping_patience: 2}\n", "r.yaml")
+    recipe = parse_recipe(split + "training: {early_stopping_patience: 2, eval_steps: 5}\n", "r.yaml")
+    assert recipe.training.early_stopping_patience == 2

@@ -11,8 +11,8 @@ Local formats, inferred from the extension unless ``format`` is given:
 | ``parquet`` | read through ``pyarrow``                                             |
 | ``txt``   | one row a line as ``{text_column: line}`` (blank lines skipped)        |
 
-Any other ``source`` is a ``datasets`` name (``"glue"``, ``"stanfordnlp/sst2"``) loaded with
-``datasets.load_dataset(source, config_name, split=split)``. CSV/TSV values are strings.
+Any other ``source`` is a ``datasets`` name (``"glue"``, ``"stanfordnlp/sst2"``) or a local folder of
+data files, loaded with ``datasets.load_dataset(source, config_name, split=split)``. CSV/TSV values are strings.
 Errors are :class:`~kdistill.errors.DataError` with the file and line at fault.
 """
 
@@ -196,6 +196,9 @@ def _load_hf(source: str, *, split: str | None, config_name: str | None) -> list
     try:
         ds = datasets.load_dataset(source, config_name, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        if Path(source).expanduser().is_dir():  # a local folder: the network is not the reason
+            raise DataError(f"{source}: a directory that `datasets` cannot load ({_first_line(exc)}); "
+                            f"name a data file in it ({', '.join(FORMATS)})") from None
         raise DataError(
             f"dataset {source!r} could not be loaded "
             f"(not cached and HF_HUB_OFFLINE=1 / no network?): {_first_line(exc)}"

@@ -156,6 +156,26 @@ def test_unknown_hf_dataset_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: P
             load_rows(name, split="train")
 
 
+def test_local_directory_loads_through_datasets_or_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """A folder is read by ``datasets`` (a folder of data files is a dataset); one it cannot read is
+    named as a directory, without the network hint that fits Hub names."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    write(folder / "part.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    assert load_rows(str(folder), split="train") == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as info:
+        load_rows(str(empty))
+    message = str(info.value)
+    assert message.startswith(f"{empty}: a directory that `datasets` cannot load")
+    assert "network" not in message and "\n" not in message
+
+
 def test_datasets_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match="needs `datasets`"):
