@@ -187,14 +187,20 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from kdistill.demo.recipes import demo_recipe
-    from kdistill.stages import run_stages
+    from kdistill.demo.recipes import demo_recipe, prepare_tiny_demo
+    from kdistill.stages import claim_run_dir, run_stages
 
     console = _message_console()
-    recipe = demo_recipe(tiny=args.tiny, output_dir=args.output_dir,
-                         report=lambda line: console.print(f"[dim]{line}[/dim]"))
+
+    def report(line: str) -> None:
+        console.print(f"[dim]{line}[/dim]")
+
+    recipe = demo_recipe(tiny=args.tiny, output_dir=args.output_dir)
     console.print(f"kdistill demo{' --tiny' if args.tiny else ''}: {recipe.run_dir}")
-    outcome = run_stages(recipe, force=args.force, report=lambda line: console.print(f"[dim]{line}[/dim]"),
+    claim_run_dir(recipe, force=args.force, report=report)  # before --tiny writes its teacher there
+    if args.tiny:
+        prepare_tiny_demo(recipe, report)
+    outcome = run_stages(recipe, force=args.force, report=report,
                          evaluate_options={"repeats": 3} if not args.tiny else {"repeats": 2, "max_generate": 4})
     _print_outcome(console, outcome, recipe.run_dir)
 

@@ -57,12 +57,9 @@ def is_finished(recipe: Recipe, stage: str) -> bool:
     return (run_dir / "report" / "metrics.json").is_file()
 
 
-def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None, force: bool = False,
-               report: Callable[[str], None] = log.info, evaluate_options: dict | None = None) -> dict:
-    """Run the recipe's stages; return {stage: "skipped" | seconds} and the evaluation metrics.
-
-    A run directory that holds another recipe is refused unless ``force`` (then it is started over).
-    """
+def claim_run_dir(recipe: Recipe, *, force: bool, report: Callable[[str], None] = log.info) -> None:
+    """Make the run directory this recipe's: refuse one that holds another recipe's run unless
+    ``force`` (then move it aside to ``<dir>.replaced-<time>``; nothing is deleted); write the recipe."""
     from kdistill.distill.pipeline import save_recipe
     from kdistill.recipe import dump_recipe
 
@@ -75,6 +72,15 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
         recipe.run_dir.rename(backup)  # --force starts over, but never destroys the other run
         report(f"{recipe.run_dir} held another recipe's run: moved to {backup}")
     save_recipe(recipe)
+
+
+def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None, force: bool = False,
+               report: Callable[[str], None] = log.info, evaluate_options: dict | None = None) -> dict:
+    """Run the recipe's stages; return {stage: "skipped" | seconds} and the evaluation metrics.
+
+    A run directory that holds another recipe is refused unless ``force`` (then it is started over).
+    """
+    claim_run_dir(recipe, force=force, report=report)
     stages = recipe_stages(recipe)
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in stages:

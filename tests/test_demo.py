@@ -38,3 +38,42 @@ def test_tiny_demo_end_to_end_and_second_run_skips(tmp_path) -> None:
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("finished earlier, skipped") == 4
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tiny_demo_into_another_runs_directory_writes_nothing_there(tmp_path) -> None:
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "recipe.yaml").write_text("name: other\n")
+    (other / "summary.json").write_text("{}")
+    before = _files(other)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kdistill", "demo", "--tiny", "--output-dir", str(other)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and "holds a run of a different recipe" in error[0]
+    assert _files(other) == before  # no models/ written before the refusal
+
+
+def test_forced_tiny_demo_moves_the_other_run_aside_before_building_its_teacher(tmp_path) -> None:
+    from kdistill.demo.recipes import demo_recipe, prepare_tiny_demo
+    from kdistill.stages import claim_run_dir
+
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "recipe.yaml").write_text("name: other\n")
+    before = _files(other)
+    recipe = demo_recipe(tiny=True, output_dir=str(other))
+    assert not (other / "models").exists()  # building the recipe writes nothing
+    lines: list[str] = []
+    claim_run_dir(recipe, force=True, report=lines.append)
+    prepare_tiny_demo(recipe)
+    backups = list(tmp_path.glob("run.replaced-*"))
+    assert len(backups) == 1 and _files(backups[0]) == before and "moved to" in lines[0]
+    assert (other / "models" / "teacher" / "config.json").is_file()
+    assert (other / "models" / RECORDING).read_bytes() == _packaged(RECORDING).read_bytes()
+    assert recipe.teachers[0].model == str(other / "models" / "teacher")

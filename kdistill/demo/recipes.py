@@ -24,18 +24,15 @@ def _packaged(name: str) -> Path:
     return Path(str(files("kdistill.demo").joinpath(name)))
 
 
-def demo_recipe(tiny: bool = False, output_dir: str | None = None,
-                report: Callable[[str], None] = lambda line: None) -> Recipe:
-    """The demo recipe, its run directory moved to ``output_dir`` if given."""
+def demo_recipe(tiny: bool = False, output_dir: str | None = None) -> Recipe:
+    """The demo recipe, its run directory moved to ``output_dir`` if given. Writes nothing: the
+    ``--tiny`` teacher and recording it names are made by :func:`prepare_tiny_demo`."""
     text = _packaged("demo.yaml").read_text()
     out = output_dir or ("runs/demo-tiny" if tiny else "runs/demo")
     text = text.replace("runs/demo", out)
     if not tiny:
         return parse_recipe(text, "demo.yaml")
-    teacher_dir = build_tiny_teacher(Path(out) / "models" / "teacher", report)
-    recording = Path(out) / "models" / RECORDING  # a copy: replay never writes into the installed package
-    if not recording.exists():
-        shutil.copyfile(_packaged(RECORDING), recording)
+    teacher_dir, recording = _tiny_assets(Path(out))
     text = text.replace("name: demo\n", "name: demo-tiny\n")
     text = text.replace("teacher: gemma-3-270m\n", f"teacher: {teacher_dir}\n")
     text = text.replace("  teacher: {backend: local, model: gemma-3-270m, batch_size: 8, dtype: bfloat16}",
@@ -45,6 +42,22 @@ def demo_recipe(tiny: bool = False, output_dir: str | None = None,
     text = text.replace("  max_steps: 150\n", "  max_steps: 8\n").replace("  eval_steps: 50\n", "  eval_steps: 4\n")
     text = text.replace("  save_steps: 50\n", "  save_steps: 4\n")
     return parse_recipe(text, "demo.yaml (--tiny)")
+
+
+def _tiny_assets(run_dir: Path) -> tuple[Path, Path]:
+    """Where the ``--tiny`` demo keeps its teacher and its copy of the recorded teacher calls."""
+    return run_dir / "models" / "teacher", run_dir / "models" / RECORDING
+
+
+def prepare_tiny_demo(recipe: Recipe, report: Callable[[str], None] = lambda line: None) -> None:
+    """Build the ``--tiny`` demo's teacher and copy its recording into the run directory (once).
+
+    Call it after the run directory is claimed (:func:`kdistill.stages.claim_run_dir`), so that a
+    directory holding another run gets nothing written into it."""
+    teacher_dir, recording = _tiny_assets(recipe.run_dir)
+    build_tiny_teacher(teacher_dir, report)
+    if not recording.exists():  # a copy: replay never writes into the installed package
+        shutil.copyfile(_packaged(RECORDING), recording)
 
 
 def build_tiny_teacher(path: Path, report: Callable[[str], None]) -> Path:
