@@ -50,8 +50,9 @@ def is_finished(recipe: Recipe, stage: str) -> bool:
         manifest = recipe.cache_dir / "manifest.json"
         if not manifest.is_file():
             return False
-        data = json.loads(manifest.read_text())
-        return sum(s.get("n_examples", 0) for s in data.get("shards", [])) >= data.get("n_examples", 1)
+        from kdistill.signals.cache import Manifest
+
+        return Manifest.from_json(manifest.read_text(), str(manifest)).complete  # a damaged one is named
     if stage == "distill":
         return (run_dir / "summary.json").is_file() and (run_dir / "student" / "config.json").is_file()
     return (run_dir / "report" / "metrics.json").is_file()

@@ -150,7 +150,33 @@ class Manifest:
         missing = sorted(names - set(data) - {"shards", "extra"})
         if missing:
             raise DataError(f"{where}: missing field {missing[0]!r}")
+        for f in fields(cls):  # a hand-edited value of the wrong type is named, not a TypeError later
+            if f.name in data and not _has_type(data[f.name], f.type):
+                raise DataError(f"{where}: field {f.name!r} should be {f.type}, got {data[f.name]!r}")
+        for i, shard in enumerate(data.get("shards", [])):
+            for key, kind in _SHARD_FIELDS.items():
+                if not _has_type(shard.get(key), kind):
+                    raise DataError(f"{where}: shards[{i}].{key} should be {kind}, got {shard.get(key)!r}")
         return cls(**{key: value for key, value in data.items() if key in names})
+
+
+_SHARD_FIELDS = {"file": "str", "sha256": "str", "bytes": "int", "n_examples": "int", "n_tokens": "int",
+                 "min_example_id": "int", "max_example_id": "int"}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """Whether a JSON ``value`` fits the annotation ``kind`` (``int``, ``str | None``, ``list[dict]``, ...)."""
+    if " | " in kind:
+        return any(_has_type(value, part) for part in kind.split(" | "))
+    if kind == "None":
+        return value is None
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind.startswith("list[") and isinstance(value, list):
+        return all(_has_type(item, kind[5:-1]) for item in value)
+    return type(value).__name__ == kind
 
 
 # --------------------------------------------------------------------------------------------

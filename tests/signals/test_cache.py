@@ -327,3 +327,21 @@ def test_block_topk_equals_topk(vocab, k):
     assert torch.equal(z.gather(1, ids), values) and (ids[0].unique().numel() == k)
     assert torch.equal(ids[1:], z[1:].topk(k, -1).indices)
 
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.update(k="16"), r"field 'k' should be int, got '16'"),
+    (lambda m: m.update(temperature=None), r"field 'temperature' should be float, got None"),
+    (lambda m: m.update(hidden_layers=[0, "-1"]), r"field 'hidden_layers' should be list\[int\], got \[0, '-1'\]"),
+    (lambda m: m.update(shards={"file": "x"}), r"field 'shards' should be list\[dict\]"),
+    (lambda m: m["shards"][1].update(n_examples="5"), r"shards\[1\]\.n_examples should be int, got '5'"),
+    (lambda m: m["shards"][0].pop("file"), r"shards\[0\]\.file should be str, got None"),
+])
+def test_hand_edited_manifest_of_the_wrong_type_is_named(tmp_path, cache_dir, edit, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"^{bad / 'manifest.json'}: {message}"):
+        open_cache(bad)
