@@ -16,8 +16,7 @@ from pathlib import Path
 from kdistill.blackbox.backends import Budget, BudgetExhausted, SamplingParams, TextTeacher
 from kdistill.blackbox.cards import write_data_card
 from kdistill.blackbox.gptmix import GPT3MixConfig, augment, build_prompt
-from kdistill.data import infer_labels, load_rows
-from kdistill.data.sources import split_rows
+from kdistill.data.formats import _column, _text
 from kdistill.errors import ConfigError, DataError, KdistillError
 from kdistill.recipe import Recipe, TextTeacherSpec
 
@@ -64,25 +63,11 @@ def make_text_teacher(spec: TextTeacherSpec, replay_path: Path | None) -> TextTe
     return ReplayTeacher(teacher, replay_path, "auto")
 
 
-def training_rows(recipe: Recipe) -> tuple[list[dict], list[dict], list[str]]:
-    """(train rows, validation rows, label names) exactly as ``kdistill distill`` splits them."""
-    data = recipe.data
-    split = data.train
-    rows = load_rows(split.source, format=split.format, split=split.split, config_name=split.config_name,
-                     text_column=data.text_column)
-    rows = rows[: split.limit] if split.limit else rows
-    validation: list[dict] = []
-    if data.validation is None and data.validation_fraction > 0:
-        rows, validation = split_rows(rows, validation_fraction=data.validation_fraction, seed=recipe.training.seed)
-    labels = data.labels or infer_labels(rows, data.label_column, source_name=split.source)
-    return rows, validation, labels
-
-
-def _class_index(value: object, labels: list[str], source: str, row: int) -> int:
+def _class_index(value: object, labels: list[str], where: str) -> int:
     text = str(value).strip()
     if text in labels:
         return labels.index(text)
-    raise DataError(f"{source} row {row}: label {value!r} is not in the label set {labels}")
+    raise DataError(f"{where}: label {value!r} is not in the label set {labels}")
 
 
 def synthetic_path(recipe: Recipe) -> Path:
@@ -94,13 +79,18 @@ def run_augment(recipe: Recipe, progress: Callable[[int, int], None] | None = No
     spec = recipe.augment
     if spec is None:
         raise ConfigError("the recipe has no augment: section (teacher, text_type, label_type, ...)")
-    rows, _, labels = training_rows(recipe)
+    from kdistill.distill.pipeline import _split_rows
+
+    split = _split_rows(recipe)  # exactly as kdistill distill splits the data
+    labels = split.labels
     verbalizers = spec.verbalizers or labels
     if len(verbalizers) != len(labels):
         raise ConfigError(f"augment.verbalizers has {len(verbalizers)} names for {len(labels)} labels {labels}")
-    real = [(str(row[recipe.data.text_column]), _class_index(row[recipe.data.label_column], labels,
-                                                               recipe.data.train.source, i))
-            for i, row in enumerate(rows)]
+    real = []
+    for number, row in zip(split.train_numbers, split.train):
+        where = f"{recipe.data.train.source} row {number}"
+        real.append((_text(row, where, recipe.data.text_column),
+                     _class_index(_column(row, where, recipe.data.label_column), labels, where)))
     params = SamplingParams(max_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                             stop=("\n",), seed=spec.seed)
     config = GPT3MixConfig(spec.text_type, spec.label_type, tuple(verbalizers), spec.k, spec.sampling,

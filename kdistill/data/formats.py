@@ -41,23 +41,28 @@ def _check_max_length(max_length: int) -> None:
         raise ConfigError(f"max_length: must be a positive integer, got {max_length!r}")
 
 
-def _column(row: Any, i: int, column: str, source_name: str) -> Any:
+def _row_numbers(rows: Sequence[Any], row_numbers: Sequence[int] | None) -> Sequence[int]:
+    """The number each row has in its source, counted from 1 (default: its position + 1)."""
+    if row_numbers is None:
+        return range(1, len(rows) + 1)
+    if len(row_numbers) != len(rows):
+        raise ValueError(f"{len(row_numbers)} row numbers for {len(rows)} rows")
+    return row_numbers
+
+
+def _column(row: Any, where: str, column: str) -> Any:
     if not isinstance(row, dict):
-        raise DataError(
-            f"{source_name} row {i}: expected a mapping of columns, got {type(row).__name__}"
-        )
+        raise DataError(f"{where}: expected a mapping of columns, got {type(row).__name__}")
     if column not in row:
         cols = ", ".join(map(str, row)) or "none"
-        raise DataError(f"{source_name} row {i}: missing column {column!r} (columns: {cols})")
+        raise DataError(f"{where}: missing column {column!r} (columns: {cols})")
     return row[column]
 
 
-def _text(row: Any, i: int, column: str, source_name: str) -> str:
-    value = _column(row, i, column, source_name)
+def _text(row: Any, where: str, column: str) -> str:
+    value = _column(row, where, column)
     if not isinstance(value, str):
-        raise DataError(
-            f"{source_name} row {i}: column {column!r} must be a string, got {type(value).__name__}"
-        )
+        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -122,14 +127,15 @@ def _int_like(value: Any) -> int | None:
 
 
 def infer_labels(
-    rows: Sequence[dict[str, Any]], label_column: str = "label", *, source_name: str = "data"
+    rows: Sequence[dict[str, Any]], label_column: str = "label", *, source_name: str = "data",
+    row_numbers: Sequence[int] | None = None,
 ) -> list[str]:
     """Sorted distinct values of ``label_column`` as strings (numerically when all are integers)."""
     values: set[str] = set()
-    for i, row in enumerate(rows):
-        value = _column(row, i, label_column, source_name)
+    for n, row in zip(_row_numbers(rows, row_numbers), rows):
+        value = _column(row, f"{source_name} row {n}", label_column)
         if value is None or isinstance(value, (list, dict, bool)):
-            raise DataError(f"{source_name} row {i}: label {value!r} is not a class label")
+            raise DataError(f"{source_name} row {n}: label {value!r} is not a class label")
         values.add(str(value).strip())
     if not values:
         raise DataError(f"{source_name}: no rows to infer labels from")
@@ -173,12 +179,12 @@ class ClassificationFormat:
             self._index = {n: k for k, n in enumerate(names)}
             self._numeric_names = any(_int_like(n) is not None for n in names)
 
-    def _label_index(self, value: Any, i: int, source_name: str) -> int:
+    def _label_index(self, value: Any, where: str) -> int:
         if self.labels is None:
             idx = _int_like(value)
             if idx is None:
                 raise DataError(
-                    f"{source_name} row {i}: label {value!r} is not a non-negative integer "
+                    f"{where}: label {value!r} is not a non-negative integer "
                     "(give the label names to use names)"
                 )
             return idx
@@ -191,25 +197,25 @@ class ClassificationFormat:
                 if idx is not None and idx < len(self.labels):
                     return idx
         raise DataError(
-            f"{source_name} row {i}: label {value!r} is not in the label set {self.labels}"
+            f"{where}: label {value!r} is not in the label set {self.labels}"
         )
 
-    def _soft(self, value: Any, i: int, source_name: str) -> list[float]:
+    def _soft(self, value: Any, where: str) -> list[float]:
         col = self.soft_label_column
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                raise DataError(f"{source_name} row {i}: column {col!r} is not a JSON list") from None
+                raise DataError(f"{where}: column {col!r} is not a JSON list") from None
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(p, numbers.Real) and not isinstance(p, bool) and math.isfinite(p) and p >= 0
             for p in value
         ):
-            raise DataError(f"{source_name} row {i}: column {col!r} must be a list of probabilities")
+            raise DataError(f"{where}: column {col!r} must be a list of probabilities")
         probs = [float(p) for p in value]
         total = sum(probs)
         if abs(total - 1.0) > _PROB_TOL:
-            raise DataError(f"{source_name} row {i}: column {col!r} sums to {total:.6g}, not 1")
+            raise DataError(f"{where}: column {col!r} sums to {total:.6g}, not 1")
         return probs
 
     def encode(
@@ -217,29 +223,32 @@ class ClassificationFormat:
         rows: Sequence[dict[str, Any]],
         tokenizer: PreTrainedTokenizerBase,
         source_name: str = "data",
+        row_numbers: Sequence[int] | None = None,
     ) -> list[Example]:
-        """Tokenize ``rows``: one example per row whose text has a real token."""
+        """Tokenize ``rows``: one example per row whose text has a real token. Errors name
+        ``source_name`` and the row's number there (``row_numbers``, default position + 1)."""
         texts, pairs, extras = [], [] if self.text_pair_column else None, []
-        soft_rows: list[int] = []
-        for i, row in enumerate(rows):
-            texts.append(_text(row, i, self.text_column, source_name))
+        soft_rows: list[tuple[int, str]] = []
+        for i, (n, row) in enumerate(zip(_row_numbers(rows, row_numbers), rows)):
+            where = f"{source_name} row {n}"
+            texts.append(_text(row, where, self.text_column))
             if pairs is not None:
-                pairs.append(_text(row, i, self.text_pair_column, source_name))
-            label = _column(row, i, self.label_column, source_name)
-            extra: Example = {"labels": self._label_index(label, i, source_name)}
+                pairs.append(_text(row, where, self.text_pair_column))
+            label = _column(row, where, self.label_column)
+            extra: Example = {"labels": self._label_index(label, where)}
             soft = row.get(self.soft_label_column) if self.soft_label_column else None
             if soft is not None:
-                extra["soft_labels"] = self._soft(soft, i, source_name)
-                soft_rows.append(i)
+                extra["soft_labels"] = self._soft(soft, where)
+                soft_rows.append((i, where))
             extras.append(extra)
         if self.labels is None and extras:
             seen = max(e["labels"] for e in extras) + 1
             self.num_labels = max(self.num_labels or 0, seen)
-        for i in soft_rows:
+        for i, where in soft_rows:
             n = len(extras[i]["soft_labels"])
             if n != self.num_labels:
                 raise DataError(
-                    f"{source_name} row {i}: column {self.soft_label_column!r} has {n} probabilities, "
+                    f"{where}: column {self.soft_label_column!r} has {n} probabilities, "
                     f"expected {self.num_labels} (one per label)"
                 )
         keep = ("input_ids", "attention_mask", "token_type_ids")
@@ -263,9 +272,11 @@ class MaskedLMFormat:
         rows: Sequence[dict[str, Any]],
         tokenizer: PreTrainedTokenizerBase,
         source_name: str = "data",
+        row_numbers: Sequence[int] | None = None,
     ) -> list[Example]:
         """Tokenize ``rows`` keeping ``special_tokens_mask`` (never masked by the collator)."""
-        texts = [_text(row, i, self.text_column, source_name) for i, row in enumerate(rows)]
+        texts = [_text(row, f"{source_name} row {n}", self.text_column)
+                 for n, row in zip(_row_numbers(rows, row_numbers), rows)]
         keep = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
         encoded = _tokenize(tokenizer, texts, None, self.max_length, keep=keep)
         return _finish(self, encoded, [{} for _ in texts], source_name)
@@ -287,9 +298,11 @@ class CausalLMFormat:
         rows: Sequence[dict[str, Any]],
         tokenizer: PreTrainedTokenizerBase,
         source_name: str = "data",
+        row_numbers: Sequence[int] | None = None,
     ) -> list[Example]:
         """Tokenize ``rows``; the collator sets padded label positions to -100."""
-        texts = [_text(row, i, self.text_column, source_name) for i, row in enumerate(rows)]
+        texts = [_text(row, f"{source_name} row {n}", self.text_column)
+                 for n, row in zip(_row_numbers(rows, row_numbers), rows)]
         keep = ("input_ids", "attention_mask")
         encoded = _tokenize(tokenizer, texts, None, self.max_length, keep=keep)
         for enc in encoded:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kdistill.data.formats import Example, _check_max_length, _text
+from kdistill.data.formats import Example, _check_max_length, _row_numbers, _text
 from kdistill.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -81,15 +81,18 @@ class InstructionFormat:
             response_ids = response_ids + [eos]
         return prompt_ids, response_ids
 
-    def encode(self, rows: Sequence[dict[str, Any]], tokenizer, source_name: str = "data") -> list[Example]:
-        """Tokenize ``rows``; rows with no response left after truncation are dropped and counted."""
+    def encode(self, rows: Sequence[dict[str, Any]], tokenizer, source_name: str = "data",
+               row_numbers: Sequence[int] | None = None) -> list[Example]:
+        """Tokenize ``rows``; rows with no response left after truncation are dropped and counted.
+        Errors name ``source_name`` and the row's number there (``row_numbers``, default position + 1)."""
         examples, self.num_dropped, self.num_truncated = [], 0, 0
-        for i, row in enumerate(rows):
-            instruction = _text(row, i, self.instruction_column, source_name)
+        for i, (n, row) in enumerate(zip(_row_numbers(rows, row_numbers), rows)):
+            where = f"{source_name} row {n}"
+            instruction = _text(row, where, self.instruction_column)
             input_text = row.get(self.input_column) or ""
             if not isinstance(input_text, str):
-                raise DataError(f"{source_name} row {i}: column {self.input_column!r} must be a string")
-            output = _text(row, i, self.output_column, source_name)
+                raise DataError(f"{where}: column {self.input_column!r} must be a string")
+            output = _text(row, where, self.output_column)
             if not instruction.strip() or not output.strip():
                 self.num_dropped += 1
                 continue

@@ -13,7 +13,9 @@ Local formats, inferred from the extension unless ``format`` is given:
 
 Any other ``source`` is a ``datasets`` name (``"glue"``, ``"stanfordnlp/sst2"``) or a local folder of
 data files, loaded with ``datasets.load_dataset(source, config_name, split=split)``. CSV/TSV values are strings.
-Errors are :class:`~kdistill.errors.DataError` with the file and line at fault.
+Errors are :class:`~kdistill.errors.DataError` with the file and line at fault. Once loaded, rows are
+named by their number in the source, counted from 1 ("row 3" of a JSONL file without blank lines is
+its line 3; of a CSV/TSV file, the third row under the header).
 """
 
 from __future__ import annotations
@@ -221,15 +223,18 @@ def split_rows(
     ``round(n * validation_fraction)`` rows (at least 1, leaving at least 1 for training) are
     drawn by a seeded shuffle; both parts keep the input order.
     """
+    train_idx, val_idx = split_positions(len(rows), validation_fraction=validation_fraction, seed=seed)
+    return [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+
+
+def split_positions(n: int, *, validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The positions (0-based, ascending) of :func:`split_rows`' training and validation rows among ``n``."""
     if not 0.0 < validation_fraction < 1.0:
         raise ConfigError(f"validation_fraction: must be in (0, 1), got {validation_fraction}")
-    n = len(rows)
     if n < 2:
         raise DataError(f"cannot split {n} row(s) into training and validation")
     n_val = min(max(round(n * validation_fraction), 1), n - 1)
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [r for i, r in enumerate(rows) if i not in val_idx]
-    val = [r for i, r in enumerate(rows) if i in val_idx]
-    return train, val
+    held_out = set(order[:n_val])
+    return [i for i in range(n) if i not in held_out], sorted(held_out)

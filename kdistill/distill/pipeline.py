@@ -13,12 +13,13 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from accelerate import Accelerator
 
 from kdistill.data import CausalLMFormat, ClassificationFormat, Collator, MaskedLMFormat, infer_labels, load_rows
 from kdistill.data.instruction import InstructionFormat
-from kdistill.data.sources import split_rows
+from kdistill.data.sources import split_positions
 from kdistill.distill.distiller import _family
 from kdistill.distill.trainer import TrainJob, TrainResult, make_accelerator, train
 from kdistill.errors import ConfigError, DataError
@@ -38,21 +39,39 @@ def _rows(split: SplitSpec, text_column: str) -> list[dict]:
     return rows[: split.limit] if split.limit else rows
 
 
-def _split_rows(recipe: Recipe) -> tuple[list[dict], list[dict], list[str] | None]:
-    """(train rows, validation rows, class labels or None): the recipe's data, split as every stage splits it."""
+class SplitData(NamedTuple):
+    """A recipe's data, split as every stage splits it; each row with its number in its source (from 1)."""
+
+    train: list[dict]
+    validation: list[dict]
+    labels: list[str] | None  # class names (classification)
+    train_numbers: list[int]
+    validation_numbers: list[int]
+    validation_source: str
+
+
+def _split_rows(recipe: Recipe) -> SplitData:
+    """The recipe's training and validation rows and class labels (see :class:`SplitData`)."""
     data = recipe.data
     train_rows = _rows(data.train, data.text_column)
+    train_numbers = list(range(1, len(train_rows) + 1))
+    validation_source = data.train.source
     if data.validation is not None:
         eval_rows = _rows(data.validation, data.text_column)
+        eval_numbers = list(range(1, len(eval_rows) + 1))
+        validation_source = data.validation.source
     elif data.validation_fraction > 0:
-        train_rows, eval_rows = split_rows(train_rows, validation_fraction=data.validation_fraction,
-                                           seed=recipe.training.seed)
+        train_idx, eval_idx = split_positions(len(train_rows), validation_fraction=data.validation_fraction,
+                                              seed=recipe.training.seed)
+        train_rows, eval_rows = [train_rows[i] for i in train_idx], [train_rows[i] for i in eval_idx]
+        train_numbers, eval_numbers = [i + 1 for i in train_idx], [i + 1 for i in eval_idx]
     else:
-        eval_rows = []
+        eval_rows, eval_numbers = [], []
     labels = None
     if recipe.task == "classification":
-        labels = data.labels or infer_labels(train_rows, data.label_column, source_name=data.train.source)
-    return train_rows, eval_rows, labels
+        labels = data.labels or infer_labels(train_rows, data.label_column, source_name=data.train.source,
+                                             row_numbers=train_numbers)
+    return SplitData(train_rows, eval_rows, labels, train_numbers, eval_numbers, validation_source)
 
 
 def _format(recipe: Recipe, labels: list[str] | None):
@@ -75,11 +94,13 @@ def _same_vocabulary(a, b) -> bool:
 def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     """Load data, teachers and student for ``recipe``; return the job, the tokenizer and sizes."""
     data = recipe.data
-    train_rows, eval_rows, labels = _split_rows(recipe)
+    split = _split_rows(recipe)
+    labels = split.labels
+    synthetic: list[dict] = []
     if recipe.augment is not None:
-        from kdistill.blackbox.augment_run import synthetic_rows
+        from kdistill.blackbox.augment_run import synthetic_path, synthetic_rows
 
-        train_rows = train_rows + synthetic_rows(recipe, len(train_rows), labels)
+        synthetic = synthetic_rows(recipe, len(split.train), labels)  # checked line by line as it is read
     head_kwargs = {"labels": labels} if recipe.task == "classification" else {}
 
     teacher_models = [load_model(t.model, recipe.task, trust_remote_code=recipe.trust_remote_code, trained=True,
@@ -115,8 +136,12 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
             vocab_size = len(tokenizer)
 
     fmt = _format(recipe, labels)
-    train_examples = fmt.encode(train_rows, tokenizer, source_name=data.train.source)
-    eval_examples = fmt.encode(eval_rows, tokenizer, source_name="validation") if eval_rows else None
+    train_examples = fmt.encode(split.train, tokenizer, source_name=data.train.source, row_numbers=split.train_numbers)
+    if synthetic:  # after the real rows, their ids continuing the real ones'; errors name synthetic.jsonl
+        train_examples += [{**ex, "example_id": ex["example_id"] + len(split.train)} for ex in fmt.encode(
+            synthetic, tokenizer, source_name=str(synthetic_path(recipe)))]
+    eval_examples = fmt.encode(split.validation, tokenizer, source_name=split.validation_source,
+                               row_numbers=split.validation_numbers) if split.validation else None
     teacher_examples = train_examples  # in the teacher's token ids (what a cache was written on)
 
     plan = None
@@ -195,9 +220,10 @@ def run_cache(recipe: Recipe, progress=None) -> dict:
     if len(recipe.teachers) > 1:
         raise ConfigError("kdistill cache stores one teacher's signal; the recipe names several")
     _quiet_transformers()
-    rows, _, labels = _split_rows(recipe)
+    split = _split_rows(recipe)
     tokenizer = load_tokenizer(recipe.teachers[0].model, trust_remote_code=recipe.trust_remote_code)
-    examples = _format(recipe, labels).encode(rows, tokenizer, source_name=recipe.data.train.source)
+    examples = _format(recipe, split.labels).encode(split.train, tokenizer, source_name=recipe.data.train.source,
+                                                    row_numbers=split.train_numbers)
     teacher = load_model(recipe.teachers[0].model, "causal", trust_remote_code=recipe.trust_remote_code, trained=True)
     teacher = set_inference_precision(teacher, recipe.teachers[0].dtype)
     signal = recipe.signal

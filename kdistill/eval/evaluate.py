@@ -23,7 +23,7 @@ import torch
 
 from kdistill.data import CausalLMFormat, ClassificationFormat, Collator, MaskedLMFormat, infer_labels, load_rows
 from kdistill.data.instruction import InstructionFormat, alpaca_prompt
-from kdistill.data.sources import split_rows
+from kdistill.data.sources import split_positions
 from kdistill.devices import check_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.eval.quality import (
@@ -118,10 +118,12 @@ def evaluate_pair(teacher_ref: str, student_ref: str, task: str, rows: list[dict
                   columns: DataColumns | None = None, head_labels: list[str] | None = None, batch_size: int = 16,
                   repeats: int = 5, warmup: int = 1, new_tokens: int = 16, max_generate: int = 32,
                   max_new_tokens: int = 64, speed: bool = True, device: str | None = None, source: str = "data",
-                  run: str | None = None, trust_remote_code: bool = False, seed: int = 0) -> dict:
+                  row_numbers: list[int] | None = None, run: str | None = None, trust_remote_code: bool = False,
+                  seed: int = 0) -> dict:
     """Size, speed and quality of ``student_ref`` against ``teacher_ref`` on held-out ``rows``.
 
-    ``rows``: dicts with the ``columns`` (or plain strings, taken as the text column).
+    ``rows``: dicts with the ``columns`` (or plain strings, taken as the text column); errors name
+    ``source`` and the row's number there (``row_numbers``, default position + 1).
     ``head_labels``: label names given to both classification heads at load (as in training);
     without them each checkpoint's head is used as saved, and rows' labels map to the teacher's
     label names (or are class indices). ``batch_size``: the larger batch of the speed measurement
@@ -162,13 +164,15 @@ def evaluate_pair(teacher_ref: str, student_ref: str, task: str, rows: list[dict
         for k in refs:
             fmt = ClassificationFormat(cols.text_column, cols.text_pair_column, cols.label_column, names,
                                        cols.max_length)
-            encoded[k] = (fmt.encode(rows, tokenizers[k], source_name=source), Collator(tokenizers[k], task))
+            encoded[k] = (fmt.encode(rows, tokenizers[k], source_name=source, row_numbers=row_numbers),
+                          Collator(tokenizers[k], task))
         quality = classification_quality(teacher, student, encoded, batch_size=batch_size, device=device)
         n_examples = quality["vs_teacher"]["examples"]
     else:
         vocab_map, vocab_size = lm_comparison(tokenizers["teacher"], tokenizers["student"],
                                               _local_dir(student_ref), _width(teacher), _width(student))
-        examples = _lm_format(task, cols).encode(rows, tokenizers["teacher"], source_name=source)
+        examples = _lm_format(task, cols).encode(rows, tokenizers["teacher"], source_name=source,
+                                                  row_numbers=row_numbers)
         collator = Collator(tokenizers["teacher"], task, mlm_probability=cols.mlm_probability)
         quality = lm_quality(teacher, student, task, examples, collator, vocab_map=vocab_map, vocab_size=vocab_size,
                              batch_size=batch_size, device=device, seed=seed)
@@ -231,19 +235,22 @@ def _local_dir(ref: str) -> str | None:
 # ---------------------------------------------------------------------------- run directories
 
 
-def _run_rows(recipe, data: str | Path | None) -> tuple[list[dict], str, list[dict] | None]:
-    """(held-out rows, their source name, training rows when they were loaded)."""
+def _run_rows(recipe, data: str | Path | None) -> tuple[list[dict], str, list[dict] | None, list[int] | None]:
+    """(held-out rows, their source name, training rows when they were loaded, the held-out rows'
+    numbers in that source when they are not 1, 2, ...)."""
     from kdistill.distill.pipeline import _rows
 
     spec = recipe.data
     if data is not None:
-        return load_rows(str(data), text_column=spec.text_column), str(data), None
+        return load_rows(str(data), text_column=spec.text_column), str(data), None, None
     if spec.validation is not None:
-        return _rows(spec.validation, spec.text_column), spec.validation.source, None
+        return _rows(spec.validation, spec.text_column), spec.validation.source, None, None
     if spec.validation_fraction > 0:
         train_rows = _rows(spec.train, spec.text_column)
-        _, held_out = split_rows(train_rows, validation_fraction=spec.validation_fraction, seed=recipe.training.seed)
-        return held_out, f"{spec.train.source} (validation_fraction {spec.validation_fraction:g})", train_rows
+        _, positions = split_positions(len(train_rows), validation_fraction=spec.validation_fraction,
+                                       seed=recipe.training.seed)
+        return ([train_rows[i] for i in positions], f"{spec.train.source} (validation_fraction "
+                f"{spec.validation_fraction:g})", train_rows, [i + 1 for i in positions])
     raise ConfigError(f"recipe {recipe.name!r} has no validation split (data.validation or "
                       "data.validation_fraction); pass --data FILE")
 
@@ -270,7 +277,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, teacher
     teacher_ref = teacher or (recipe.teachers[0].model if recipe.teachers else None)
     if teacher_ref is None:
         raise ConfigError(f"recipe {recipe.name!r} has no teacher; pass --teacher REF to compare against")
-    rows, source, train_rows = _run_rows(recipe, data)
+    rows, source, train_rows, row_numbers = _run_rows(recipe, data)
     labels = None
     if recipe.task == "classification":
         labels = recipe.data.labels
@@ -283,7 +290,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, teacher
     metrics = evaluate_pair(teacher_ref, str(run_dir / "student"), recipe.task, rows,
                             columns=DataColumns.from_recipe(recipe.data), head_labels=labels, batch_size=batch_size,
                             repeats=repeats, warmup=warmup, new_tokens=new_tokens, max_generate=max_generate,
-                            max_new_tokens=max_new_tokens, speed=speed, device=device, source=source, run=run_id,
+                            max_new_tokens=max_new_tokens, speed=speed, device=device, source=source,
+                            row_numbers=row_numbers, run=run_id,
                             trust_remote_code=recipe.trust_remote_code, seed=recipe.training.seed)
     metrics["name"] = recipe.name
     metrics["run_dir"] = str(run_dir)

@@ -61,9 +61,9 @@ def test_classification_by_name_and_index(bert) -> None:
 
 def test_classification_bad_label_names_row(bert) -> None:
     rows = [{"text": "good", "label": "positive"}] * 12 + [{"text": "meh", "label": "neutral"}]
-    with pytest.raises(DataError, match=r"train row 12: label 'neutral' is not in the label set \["):
+    with pytest.raises(DataError, match=r"train row 13: label 'neutral' is not in the label set \["):
         ClassificationFormat(labels=["negative", "positive"]).encode(rows, bert, source_name="train")
-    with pytest.raises(DataError, match=r"data row 0: label 2 is not in the label set"):
+    with pytest.raises(DataError, match=r"data row 1: label 2 is not in the label set"):
         ClassificationFormat(labels=["negative", "positive"]).encode([{"text": "x", "label": 2}], bert)
 
 
@@ -82,18 +82,18 @@ def test_classification_int_labels_without_names(bert) -> None:
     out = fmt.encode([{"text": "good", "label": "3"}, {"text": "bad", "label": 0}], bert)
     assert [e["labels"] for e in out] == [3, 0]
     assert fmt.num_labels == 4
-    with pytest.raises(DataError, match=r"data row 1: label 'pos' is not a non-negative integer"):
+    with pytest.raises(DataError, match=r"data row 2: label 'pos' is not a non-negative integer"):
         ClassificationFormat().encode([{"text": "a", "label": 1}, {"text": "b", "label": "pos"}], bert)
-    with pytest.raises(DataError, match=r"row 0: label -1 is not a non-negative integer"):
+    with pytest.raises(DataError, match=r"^data row 1: label -1 is not a non-negative integer"):
         ClassificationFormat().encode([{"text": "a", "label": -1}], bert)
 
 
 def test_missing_column_named(bert) -> None:
     rows = [{"sentence": "good", "label": 1}] * 3 + [{"text": "x", "label": 1}]
     fmt = ClassificationFormat(text_column="sentence")
-    with pytest.raises(DataError, match=r"dev row 3: missing column 'sentence' \(columns: text, label\)"):
+    with pytest.raises(DataError, match=r"dev row 4: missing column 'sentence' \(columns: text, label\)"):
         fmt.encode(rows, bert, source_name="dev")
-    with pytest.raises(DataError, match=r"row 0: missing column 'label'"):
+    with pytest.raises(DataError, match=r"^data row 1: missing column 'label'"):
         ClassificationFormat().encode([{"text": "x"}], bert)
 
 
@@ -119,10 +119,10 @@ def test_soft_labels(bert) -> None:
 @pytest.mark.parametrize(
     ("probs", "pattern"),
     [
-        ([0.5, 0.6], r"row 1: column 'probs' sums to 1\.1"),
-        ([0.2, 0.3, 0.5], r"row 1: column 'probs' has 3 probabilities, expected 2"),
-        (["a", "b"], r"row 1: column 'probs' must be a list of probabilities"),
-        ([1.5, -0.5], r"row 1: column 'probs' must be a list of probabilities"),
+        ([0.5, 0.6], r"^data row 2: column 'probs' sums to 1\.1"),
+        ([0.2, 0.3, 0.5], r"^data row 2: column 'probs' has 3 probabilities, expected 2"),
+        (["a", "b"], r"^data row 2: column 'probs' must be a list of probabilities"),
+        ([1.5, -0.5], r"^data row 2: column 'probs' must be a list of probabilities"),
     ],
 )
 def test_bad_soft_labels(bert, probs, pattern) -> None:
@@ -139,7 +139,7 @@ def test_soft_labels_within_tolerance(bert) -> None:
 def test_infer_labels() -> None:
     assert infer_labels([{"label": "pos"}, {"label": "neg"}, {"label": "pos"}]) == ["neg", "pos"]
     assert infer_labels([{"y": 10}, {"y": 2}], "y") == ["2", "10"]
-    with pytest.raises(DataError, match="row 1: missing column 'y'"):
+    with pytest.raises(DataError, match="^data row 2: missing column 'y'"):
         infer_labels([{"y": 1}, {"x": 1}], "y")
 
 
@@ -189,7 +189,7 @@ def test_all_dropped_is_an_error(gpt) -> None:
 
 
 def test_non_string_text(bert) -> None:
-    with pytest.raises(DataError, match=r"row 1: column 'text' must be a string, got NoneType"):
+    with pytest.raises(DataError, match=r"^data row 2: column 'text' must be a string, got NoneType"):
         MaskedLMFormat().encode([{"text": "a"}, {"text": None}], bert)
 
 

@@ -92,5 +92,5 @@ def test_chat_template_renders_prompt_prefix(tokenizer, tmp_path) -> None:
 
 
 def test_missing_output_column_names_the_row(tokenizer) -> None:
-    with pytest.raises(DataError, match="row 1: missing column 'output'"):
+    with pytest.raises(DataError, match="^data row 2: missing column 'output'"):
         InstructionFormat().encode([ROWS[0], {"instruction": "x"}], tokenizer)

@@ -49,7 +49,24 @@ def test_missing_column_and_bad_label_name_the_row(capsys, tmp_path, tiny_assets
     text = _recipe(tmp_path, tiny_assets).replace(str(tiny_assets["train"]), str(bad)).replace(
         "max_length: 16", "max_length: 16\n  labels: ['0', '1']")
     err = _distill(capsys, tmp_path, text)
-    assert "bad.jsonl row 1: label 7 is not in the label set ['0', '1']" in err, err
+    assert "bad.jsonl row 2: label 7 is not in the label set ['0', '1']" in err, err  # its line 2
+
+
+def test_rows_are_named_by_their_number_in_the_file_after_a_validation_split(capsys, tmp_path, tiny_assets) -> None:
+    """With ``validation_fraction`` the rows of both parts keep their numbers in the file (= its lines)."""
+    from kdistill.data.sources import split_positions
+
+    train_idx, held_out_idx = split_positions(12, validation_fraction=0.25, seed=7)
+    for position in (train_idx[-2], held_out_idx[-1]):  # a training row past a held-out one, a held-out row
+        rows = [{"text": f"movie {i}", "label": i % 2} for i in range(12)]
+        rows[position]["label"] = 7
+        data = tmp_path / "rows.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        text = _recipe(tmp_path, tiny_assets).replace(str(tiny_assets["train"]), str(data)).replace(
+            f"  validation: {{source: {tiny_assets['dev']}}}\n", "  validation_fraction: 0.25\n").replace(
+            "max_length: 16", "max_length: 16\n  labels: ['0', '1']")
+        err = _distill(capsys, tmp_path, text)
+        assert f"rows.jsonl row {position + 1}: label 7 is not in the label set" in err, (position, err)
 
 
 def test_empty_dataset(capsys, tmp_path, tiny_assets) -> None:
