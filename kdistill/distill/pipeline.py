@@ -25,7 +25,7 @@ from kdistill.distill.trainer import TrainJob, TrainResult, make_accelerator, tr
 from kdistill.errors import ConfigError, DataError
 from kdistill.models.layers import find_layer_stack, select_layers
 from kdistill.models.precision import set_inference_precision
-from kdistill.models.resolve import load_model, load_tokenizer
+from kdistill.models.resolve import load_config, load_model, load_tokenizer
 from kdistill.models.student import count_parameters, student_from_teacher
 from kdistill.recipe import Recipe, SplitSpec, dump_recipe
 from kdistill.signals.live import LiveTeachers
@@ -74,6 +74,26 @@ def _split_rows(recipe: Recipe) -> SplitData:
     return SplitData(train_rows, eval_rows, labels, train_numbers, eval_numbers, validation_source)
 
 
+def _check_teacher_classes(recipe: Recipe, split: SplitData) -> None:
+    """A classification teacher's head must have one class per label of the data: name the mismatch
+    (and, when the data has more labels than the head, the rarest label's first row: often a typo)."""
+    data = recipe.data
+    for spec in recipe.teachers:
+        classes = load_config(spec.model, trust_remote_code=recipe.trust_remote_code).num_labels
+        if classes == len(split.labels):
+            continue
+        given = "data.labels" if data.labels else f"the labels of {data.train.source}"
+        message = (f"teacher {spec.model!r} classifies into {classes} classes but {given} are {len(split.labels)}: "
+                   f"{', '.join(map(repr, split.labels))}")
+        if not data.labels and len(split.labels) > classes:
+            values = [str(row[data.label_column]).strip() for row in split.train]
+            rarest = min(split.labels, key=values.count)
+            number = split.train_numbers[values.index(rarest)]
+            count = values.count(rarest)
+            message += f"; the rarest, {rarest!r} ({count} row{'s' if count > 1 else ''}), first at row {number}"
+        raise DataError(message)
+
+
 def _format(recipe: Recipe, labels: list[str] | None):
     data = recipe.data
     if recipe.task == "classification":
@@ -102,6 +122,8 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
 
         synthetic = synthetic_rows(recipe, len(split.train), labels)  # checked line by line as it is read
     head_kwargs = {"labels": labels} if recipe.task == "classification" else {}
+    if recipe.task == "classification":
+        _check_teacher_classes(recipe, split)
 
     teacher_models = [load_model(t.model, recipe.task, trust_remote_code=recipe.trust_remote_code, trained=True,
                                  **head_kwargs)

@@ -102,6 +102,17 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False):
         raise ModelError(f"cannot load the tokenizer of model {ref!r}: {_one_line(exc)}") from exc
 
 
+def load_config(ref: str, *, trust_remote_code: bool = False):
+    """The ``PretrainedConfig`` of a model reference (no weights are read)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(ref)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot read the config of model {ref!r}: {_one_line(exc)}") from exc
+
+
 def load_model(
     ref: str,
     task: Task,

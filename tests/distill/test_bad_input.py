@@ -69,6 +69,20 @@ def test_rows_are_named_by_their_number_in_the_file_after_a_validation_split(cap
         assert f"rows.jsonl row {position + 1}: label 7 is not in the label set" in err, (position, err)
 
 
+def test_labels_that_do_not_fit_the_teachers_head_name_the_rarest_row(capsys, tmp_path, tiny_assets) -> None:
+    rows = [{"text": f"movie {i}", "label": ["neg", "pos"][i % 2]} for i in range(9)]
+    rows[5]["label"] = "poss"  # a typo: a third label the 2-class teacher cannot score
+    data = tmp_path / "typo.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = _recipe(tmp_path, tiny_assets).replace(str(tiny_assets["train"]), str(data))
+    err = _distill(capsys, tmp_path, text)
+    assert err.endswith(f"teacher {str(tiny_assets['bert-cls'])!r} classifies into 2 classes but the labels of "
+                        f"{data} are 3: 'neg', 'pos', 'poss'; the rarest, 'poss' (1 row), first at row 6"), err
+    err = _distill(capsys, tmp_path, text.replace("max_length: 16", "max_length: 16\n  labels: [a, b, c]"))
+    assert err.endswith("classifies into 2 classes but data.labels are 3: 'a', 'b', 'c'"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_empty_dataset(capsys, tmp_path, tiny_assets) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
