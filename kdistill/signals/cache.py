@@ -70,6 +70,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, DataError, ShapeError
+from kdistill.hashing import sha256_file
 from kdistill.losses.projection import project_into
 from kdistill.losses.response import SparseTargets
 from kdistill.models.heads import lm_head_of
@@ -242,14 +243,6 @@ def hash_examples(examples: Sequence[Mapping[str, Any]]) -> str:
             mask = np.asarray(mask, dtype=np.uint8).reshape(-1)
             if not mask.all():
                 digest.update(b"mask" + mask.tobytes())
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -678,7 +671,7 @@ def _verify_shard(file: Path, shard: Mapping[str, Any], full: bool = True) -> No
     size = file.stat().st_size
     if size != shard["bytes"]:
         raise DataError(f"cache shard {file}: {size} bytes, manifest says {shard['bytes']} (truncated or rewritten)")
-    if full and _sha256_file(file) != shard["sha256"]:
+    if full and sha256_file(file) != shard["sha256"]:
         raise DataError(f"cache shard {file}: sha256 differs from the manifest (corrupt)")
 
 
