@@ -38,13 +38,16 @@ def fingerprint(recipe: Recipe, stage: str) -> dict[str, str]:
 
 
 def changed_input(recipe: Recipe, stage: str) -> str | None:
-    """The first input of ``stage`` that differs from what its last run read (a file edited,
-    added or gone), or None when they agree or the stage has no record."""
+    """How the first input of ``stage`` that differs from what its last run read differs
+    (``"<file> changed"``, ``"<file> was removed"``), or None when they agree or the stage has no record."""
     old = _records(recipe).get(stage)
     if old is None:
         return None
     new = fingerprint(recipe, stage)
-    return next((path for path in sorted(old.keys() | new.keys()) if old.get(path) != new.get(path)), None)
+    path = next((path for path in sorted(old.keys() | new.keys()) if old.get(path) != new.get(path)), None)
+    if path is None:
+        return None
+    return f"{path} was removed" if path not in new else f"{path} changed"
 
 
 def has_record(recipe: Recipe, stage: str) -> bool:

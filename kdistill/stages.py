@@ -129,7 +129,7 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
         if stage not in forced and not stale:
             changed = changed_input(recipe, stage)  # also for an interrupted stage: not resumed on other data
             if changed is not None:
-                report(f"{stage}: {changed} changed since it ran; running it and the stages after it again")
+                report(f"{stage}: {changed} since it ran; running it and the stages after it again")
                 stale = True
             elif is_finished(recipe, stage):
                 if not has_record(recipe, stage):

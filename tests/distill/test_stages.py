@@ -110,3 +110,17 @@ def test_set_aside_keeps_the_teacher_calls_of_generated_data(tmp_path) -> None:
     with sqlite3.connect(data / "teacher_calls.sqlite") as db:
         assert db.execute("select k from calls").fetchall() == [("prompt",)]
     assert f"generate: its earlier data moved to {backup}; the teacher calls are kept for replay" in lines
+
+
+def test_a_data_file_gone_since_the_run_is_reported_and_nothing_is_lost(tmp_path, recipe_text) -> None:
+    from kdistill.errors import DataError
+
+    text, train = recipe_text
+    _run(text)
+    student = (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
+    train.rename(train.with_suffix(".moved"))
+    lines: list[str] = []
+    with pytest.raises(DataError, match="file not found"):
+        run_stages(parse_recipe(text), report=lines.append, evaluate_options=QUICK)
+    assert f"distill: {train} was removed since it ran; running it and the stages after it again" in lines
+    assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() == student
