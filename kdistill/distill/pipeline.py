@@ -79,9 +79,10 @@ def _check_teacher_classes(recipe: Recipe, split: SplitData) -> None:
     (and, when the data has more labels than the head, the rarest label's first row: often a typo)."""
     data = recipe.data
     for spec in recipe.teachers:
-        classes = load_config(spec.model, trust_remote_code=recipe.trust_remote_code).num_labels
-        if classes == len(split.labels):
-            continue
+        config = load_config(spec.model, trust_remote_code=recipe.trust_remote_code)
+        classes = config.num_labels
+        if classes == len(split.labels) or not any("Classification" in a for a in config.architectures or []):
+            continue  # (a teacher without a classifier is refused by load_model, naming the missing head)
         given = "data.labels" if data.labels else f"the labels of {data.train.source}"
         message = (f"teacher {spec.model!r} classifies into {classes} classes but {given} are {len(split.labels)}: "
                    f"{', '.join(map(repr, split.labels))}")
