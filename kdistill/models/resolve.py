@@ -97,9 +97,13 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False):
     """The tokenizer of a model reference (see :func:`resolve_model_path`)."""
     path = resolve_model_path(ref)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer of model {ref!r}: {_one_line(exc)}") from exc
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer for a folder without tokenizer files
+        raise ModelError(f"model {ref!r} has no tokenizer ({len(tokenizer)} token(s)): save one in {path} "
+                         "(tokenizer.json or vocab files, e.g. tokenizer.save_pretrained)")
+    return tokenizer
 
 
 def load_config(ref: str, *, trust_remote_code: bool = False):

@@ -114,6 +114,21 @@ def test_loading_errors_name_the_reference(tmp_path: Path) -> None:
         load_tokenizer(str(tmp_path))
 
 
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path: Path, tiny_assets) -> None:
+    """transformers builds a one-token tokenizer for such a folder: training on it ran at loss 0."""
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_assets["gpt2"], folder)
+    for file in folder.iterdir():
+        if file.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            file.unlink()
+    assert (folder / "config.json").is_file()
+    with pytest.raises(ModelError, match=re.escape(f"model '{folder}' has no tokenizer (1 token(s)): save one")):
+        load_tokenizer(str(folder))
+    assert len(load_tokenizer(str(tiny_assets["gpt2"]))) > 1
+
+
 @pytest.mark.parametrize(
     ("task", "kwargs", "message"),
     [
