@@ -37,6 +37,36 @@ CREATE TABLE IF NOT EXISTS records (
 """
 
 
+_COLUMNS = ["key", "teacher", "prompt", "params", "n", "logprobs", "response", "created"]
+
+
+def _check_recording(path: Path, *, must_exist: bool) -> None:
+    """Refuse, without writing to it, a ``path`` that is not a kdistill recording: a folder, a file
+    that is not SQLite, or a database with other tables. A missing or empty file is a new recording
+    unless ``must_exist`` (replaying)."""
+    if path.is_dir():
+        raise DataError(f"replay file {path} is a folder, not a recording")
+    if not path.is_file() or path.stat().st_size == 0:
+        if must_exist:
+            raise DataError(f"replay file {path} {'is empty' if path.is_file() else 'does not exist'}: "
+                            "nothing to replay")
+        return
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+            columns = [row[1] for row in db.execute("PRAGMA table_info(records)")]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise DataError(f"replay file {path} is not a kdistill recording (not SQLite: {exc})") from None
+    if "records" not in tables and (tables or must_exist):
+        raise DataError(f"replay file {path} is not a kdistill recording (its tables: {', '.join(tables) or 'none'})")
+    if "records" in tables and columns != _COLUMNS:
+        raise DataError(f"replay file {path} is not a kdistill recording (its records table has columns "
+                        f"{', '.join(columns)})")
+
+
 def request_key(teacher: str, prompt: str, params: SamplingParams, n: int, logprobs: int | None) -> str:
     """The sha256 hex digest identifying one request."""
     payload = json.dumps([teacher, prompt, params.to_dict(), n, logprobs], sort_keys=True, ensure_ascii=False)
@@ -65,15 +95,18 @@ class ReplayTeacher:
         if inner is None and mode != "replay":
             raise ConfigError(f"replay mode {mode!r} needs an inner teacher")
         self.inner, self.mode, self.path = inner, mode, Path(path)
-        if mode == "replay" and not self.path.is_file():
-            raise DataError(f"replay file {self.path} does not exist")
+        _check_recording(self.path, must_exist=mode == "replay")  # before anything is written into it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
-            self._db.commit()
+            if mode == "replay":  # read only: a replayed file is never changed
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                           check_same_thread=False, timeout=30)
+            else:
+                self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(_SCHEMA)
+                self._db.commit()
         except sqlite3.DatabaseError as exc:
             raise DataError(f"replay file {self.path} is not a usable SQLite database: {exc}") from exc
         self.name = name or (inner.name if inner is not None else self._only_teacher())

@@ -16,7 +16,7 @@ from kdistill.blackbox import (
     SamplingParams,
     TextTeacher,
 )
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 
@@ -188,3 +188,49 @@ def test_partial_results_of_the_inner_teacher_are_kept(prompts, local_teacher, t
     replay.close()
     (again,), = ReplayTeacher(None, path, mode="replay").complete(prompts[:1], GREEDY)
     assert again.to_dict() == info.value.partial[0][0].to_dict()
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["replay", "auto"])
+def test_a_file_that_is_not_a_recording_is_refused_unchanged(tmp_path, local_teacher, mode):
+    import sqlite3
+
+    inner = None if mode == "replay" else local_teacher
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 100)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("create table people (name text)")
+    other_records = tmp_path / "other-records.sqlite"
+    with sqlite3.connect(other_records) as db:
+        db.execute("create table records (id integer, body text)")
+    cases = [(text, "not SQLite"), (other, r"its tables: people"),
+             (other_records, r"its records table has columns id, body")]
+    for path, message in cases:
+        before = _digest(path)
+        with pytest.raises(DataError, match=rf"^replay file {path} is not a kdistill recording \({message}"):
+            ReplayTeacher(inner, path, mode=mode)
+        assert _digest(path) == before and not path.with_name(path.name + "-wal").exists()
+    with pytest.raises(DataError, match=f"replay file {tmp_path} is a folder, not a recording"):
+        ReplayTeacher(inner, tmp_path, mode=mode)
+
+
+def test_replaying_never_writes_and_an_empty_file_is_nothing_to_replay(prompts, local_teacher, tmp_path):
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=f"replay file {empty} is empty: nothing to replay"):
+        ReplayTeacher(None, empty, mode="replay")
+    assert empty.read_bytes() == b""
+    ReplayTeacher(local_teacher, empty).close()  # auto: an empty file becomes a new recording
+    path = tmp_path / "teacher.sqlite"
+    with ReplayTeacher(local_teacher, path, mode="record") as recorder:
+        recorder.complete(prompts[:1], GREEDY)
+    before = _digest(path)
+    with ReplayTeacher(None, path, mode="replay") as replay:
+        replay.complete(prompts[:1], GREEDY)
+    assert _digest(path) == before
