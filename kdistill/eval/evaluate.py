@@ -156,8 +156,8 @@ def evaluate_pair(teacher_ref: str, student_ref: str, task: str, rows: list[dict
     quality: dict
     if task == "classification":
         check_classifiers(teacher, student)
-        names = head_labels or cols.labels or label_names(teacher)
-        if len(names) != teacher.config.num_labels:
+        names = head_labels or cols.labels or label_names(teacher)  # None: rows' labels are class indices
+        if names is not None and len(names) != teacher.config.num_labels:
             raise ConfigError(f"{len(names)} label names ({', '.join(map(str, names))}) for heads of "
                               f"{teacher.config.num_labels} classes: give one name per class, in the heads' order")
         encoded = {}

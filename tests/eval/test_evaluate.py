@@ -150,6 +150,10 @@ def test_label_names_must_match_the_heads(tiny_assets) -> None:
     with pytest.raises(ConfigError, match=r"^3 label names \(a, b, c\) for heads of 2 classes"):
         evaluate_pair(str(tiny_assets["bert-cls"]), str(tiny_assets["bert-cls"]), "classification", rows,
                       columns=cols, speed=False)
+    # no names anywhere (the heads say LABEL_0, LABEL_1): the rows' labels are class indices
+    plain = evaluate_pair(str(tiny_assets["bert-cls"]), str(tiny_assets["bert-cls"]), "classification", rows,
+                          speed=False)
+    assert plain["models"]["student"]["vs_teacher"]["agreement"] == 1.0
 
 
 def test_instruction_data_scores_greedy_generations_with_rouge_l(tiny_assets) -> None:
