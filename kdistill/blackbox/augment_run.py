@@ -115,7 +115,7 @@ def run_augment(recipe: Recipe, progress: Callable[[int, int], None] | None = No
                     extra={"method": "GPT3Mix (Yoo et al., 2021)", "k": spec.k, "sampling": spec.sampling})
     if error is not None:
         raise BudgetExhausted(f"augment: the teacher's budget ran out after {written} of {spec.num_examples} "
-                              f"synthetic rows; they are kept in {synthetic_path(recipe)}")
+                              f"synthetic rows ({error}); they are kept in {synthetic_path(recipe)}")
     if written == 0:
         raise DataError(f"augment: every one of the teacher's {stats.prompts} outputs was unparsable; "
                         f"see {out_dir / 'data_card.md'}")

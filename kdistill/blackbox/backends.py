@@ -670,7 +670,7 @@ class OpenAITeacher:
         if errors or stopped is not None:
             exc = errors[min(errors)] if errors else stopped
             done_count = sum(r is not None for r in results)
-            logger.warning("%s: %s; returning %d of %d results as partial", self.name, exc, done_count, len(prompts))
+            logger.info("%s: %s; returning %d of %d results as partial", self.name, exc, done_count, len(prompts))
             raise BudgetExhausted(f"{exc} ({done_count} of {len(prompts)} prompts done)", partial=results) from exc
         return results  # type: ignore[return-value]
 
@@ -682,7 +682,11 @@ class OpenAITeacher:
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
-                reserved = self.budget.reserve(estimate)  # raises BudgetExhausted
+                try:
+                    reserved = self.budget.reserve(estimate)
+                except BudgetExhausted as exc:  # the budget went on retries: say why they were needed
+                    raise BudgetExhausted(self._scrub(f"{exc}, {attempt} by failed attempts at this prompt "
+                                                      f"(the last: {last})")) from None
             with self._lock:
                 self.attempts += 1
             try:

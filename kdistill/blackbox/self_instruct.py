@@ -1090,7 +1090,7 @@ def run_self_instruct(
             generate_instances(teacher, out, config, progress=progress)
     except _Stop as stop:
         stopped = stop
-        logger.warning("%s: budget exhausted (%s); keeping the partial results", stop.stage, stop.reason)
+        logger.info("%s: budget exhausted (%s); keeping the partial results", stop.stage, stop.reason)
 
     report = filter_examples(out, config, eval_sets=eval_sets)
     json_path, jsonl_path = export_dataset(out)
@@ -1115,7 +1115,8 @@ def run_self_instruct(
     )
     if stopped is not None:
         raise GenerationIncomplete(
-            f"teacher budget exhausted during {stopped.stage}: {counts['instructions_kept']} instructions, "
+            f"teacher budget exhausted during {stopped.stage} ({stopped.reason}): {counts['instructions_kept']} "
+            "instructions, "
             f"{counts['examples_generated']} examples generated, {counts['examples_kept']} kept after filtering "
             f"(saved in {out}; rerun with more budget to continue)"
         )

@@ -105,7 +105,7 @@ class InstructionFormat:
             ids = prompt_ids + response_ids
             examples.append({"example_id": i, "input_ids": ids, "attention_mask": [1] * len(ids),
                              "labels": [-100] * len(prompt_ids) + response_ids})
-        if self.num_truncated or self.num_dropped:
+        if examples and (self.num_truncated or self.num_dropped):  # (with none left, the error below says it)
             logger.warning("%s: dropped %d row(s) with an empty instruction/output and %d whose response "
                            "max_length=%d cut away entirely", source_name, self.num_dropped, self.num_truncated,
                            self.max_length)

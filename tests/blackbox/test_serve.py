@@ -107,6 +107,18 @@ def test_unreachable_server_names_the_url():
         client.complete(["hello"], GREEDY)
 
 
+def test_a_budget_spent_on_retries_says_why_they_failed():
+    with socket.socket() as s:  # nothing listens on this port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = OpenAITeacher("tiny", f"http://127.0.0.1:{port}/v1", max_retries=5, timeout=2,
+                           budget=Budget(max_requests=2), **FAST)
+    with pytest.raises(BudgetExhausted, match=r"^request budget exhausted: 2 of max_requests 2 used, 2 by failed "
+                                              r"attempts at this prompt \(the last: cannot connect") as info:
+        client.complete(["hello"], GREEDY)
+    assert client.attempts == 2 and "\n" not in str(info.value)
+
+
 def test_budget_stops_before_the_request_that_would_exceed_it(server, prompts):
     client = OpenAITeacher("tiny", server.url, max_concurrency=1, budget=Budget(max_requests=2), **FAST)
     before = server.requests
