@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -175,8 +175,23 @@ class TextTeacherSpec(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     replay: bool = True
 
+    # the settings each backend uses besides backend and model; one changed from its default for
+    # another backend is refused (a written-out recipe holds every default)
+    _USED_BY: ClassVar[dict[str, set[str]]] = {
+        "local": {"dtype", "batch_size", "replay"},
+        "openai": {"base_url", "api_key_env", "chat", "batch_size", "max_concurrency", "max_requests", "max_tokens",
+                   "replay"},
+        "replay": {"replay_file", "batch_size"},
+    }
+
     @model_validator(mode="after")
     def _url(self) -> TextTeacherSpec:
+        changed = {name for name, spec in type(self).model_fields.items() if getattr(self, name) != spec.default}
+        unused = sorted(changed - self._USED_BY[self.backend] - {"backend", "model"})
+        if unused:
+            users = [b for b, used in self._USED_BY.items() if unused[0] in used]
+            raise ValueError(f"{unused[0]} has no effect with backend {self.backend} (it is for backend "
+                             f"{' or '.join(users)}); remove it")
         if self.backend == "openai" and not self.base_url:
             raise ValueError("an openai backend needs base_url (e.g. https://api.openai.com/v1)")
         if self.backend == "replay" and not self.replay_file:

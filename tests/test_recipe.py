@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -121,3 +123,35 @@ def test_early_stopping_needs_a_validation_split_and_eval_steps() -> None:
         parse_recipe(split + "training: {early_stopping_patience: 2}\n", "r.yaml")
     recipe = parse_recipe(split + "training: {early_stopping_patience: 2, eval_steps: 5}\n", "r.yaml")
     assert recipe.training.early_stopping_patience == 2
+
+
+GENERATE = """\
+name: g
+task: causal
+student: {model: some/student}
+data: {train: {source: d.jsonl}, format: instruction}
+objective: [{kind: ce}]
+generate:
+  teacher: TEACHER
+"""
+
+
+@pytest.mark.parametrize(("teacher", "message"), [
+    ("{backend: local, model: m, max_requests: 1}", "max_requests has no effect with backend local (it is for "
+                                                    "backend openai)"),
+    ("{backend: local, model: m, chat: true}", "chat has no effect with backend local"),
+    ("{backend: replay, model: m, replay_file: r.sqlite, replay: false}", "replay has no effect with backend "
+                                                                         "replay (it is for backend local or openai)"),
+    ("{backend: replay, model: m, replay_file: r.sqlite, dtype: bfloat16}", "dtype has no effect with backend replay"),
+    ("{backend: openai, model: m, base_url: 'http://x/v1', replay_file: r.sqlite}", "replay_file has no effect with "
+                                                                                   "backend openai"),
+])
+def test_teacher_settings_another_backend_uses_are_refused(teacher: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^r\.yaml line 7, generate\.teacher: {re.escape(message)}"):
+        parse_recipe(GENERATE.replace("TEACHER", teacher), "r.yaml")
+
+
+def test_a_written_out_recipe_with_every_teacher_default_is_valid() -> None:
+    recipe = parse_recipe(GENERATE.replace("TEACHER", "{backend: replay, model: m, replay_file: r.sqlite}"))
+    again = parse_recipe(dump_recipe(recipe))  # api_key_env, chat, max_concurrency ... written out at their defaults
+    assert again == recipe and again.generate.teacher.api_key_env == "OPENAI_API_KEY"
