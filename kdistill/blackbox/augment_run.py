@@ -16,7 +16,7 @@ from pathlib import Path
 from kdistill.blackbox.backends import Budget, BudgetExhausted, SamplingParams, TextTeacher
 from kdistill.blackbox.cards import write_data_card
 from kdistill.blackbox.gptmix import GPT3MixConfig, augment, build_prompt
-from kdistill.data.formats import _column, _text
+from kdistill.data.formats import ClassificationFormat, _column, _text
 from kdistill.errors import ConfigError, DataError, KdistillError
 from kdistill.recipe import Recipe, TextTeacherSpec
 
@@ -63,13 +63,6 @@ def make_text_teacher(spec: TextTeacherSpec, replay_path: Path | None) -> TextTe
     return ReplayTeacher(teacher, replay_path, "auto")
 
 
-def _class_index(value: object, labels: list[str], where: str) -> int:
-    text = str(value).strip()
-    if text in labels:
-        return labels.index(text)
-    raise DataError(f"{where}: label {value!r} is not in the label set {labels}")
-
-
 def synthetic_path(recipe: Recipe) -> Path:
     return recipe.run_dir / "data" / "synthetic.jsonl"
 
@@ -86,11 +79,12 @@ def run_augment(recipe: Recipe, progress: Callable[[int, int], None] | None = No
     verbalizers = spec.verbalizers or labels
     if len(verbalizers) != len(labels):
         raise ConfigError(f"augment.verbalizers has {len(verbalizers)} names for {len(labels)} labels {labels}")
+    classes = ClassificationFormat(labels=labels)  # labels read as kdistill distill reads them
     real = []
     for number, row in zip(split.train_numbers, split.train):
         where = f"{recipe.data.train.source} row {number}"
         real.append((_text(row, where, recipe.data.text_column),
-                     _class_index(_column(row, where, recipe.data.label_column), labels, where)))
+                     classes.label_index(_column(row, where, recipe.data.label_column), where)))
     params = SamplingParams(max_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                             stop=("\n",), seed=spec.seed)
     config = GPT3MixConfig(spec.text_type, spec.label_type, tuple(verbalizers), spec.k, spec.sampling,

@@ -179,7 +179,8 @@ class ClassificationFormat:
             self._index = {n: k for k, n in enumerate(names)}
             self._numeric_names = any(_int_like(n) is not None for n in names)
 
-    def _label_index(self, value: Any, where: str) -> int:
+    def label_index(self, value: Any, where: str) -> int:
+        """The class index of a row's label ``value`` (a name, or an index where names allow); errors name ``where``."""
         if self.labels is None:
             idx = _int_like(value)
             if idx is None:
@@ -235,7 +236,7 @@ class ClassificationFormat:
             if pairs is not None:
                 pairs.append(_text(row, where, self.text_pair_column))
             label = _column(row, where, self.label_column)
-            extra: Example = {"labels": self._label_index(label, where)}
+            extra: Example = {"labels": self.label_index(label, where)}
             soft = row.get(self.soft_label_column) if self.soft_label_column else None
             if soft is not None:
                 extra["soft_labels"] = self._soft(soft, where)

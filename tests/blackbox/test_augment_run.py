@@ -38,11 +38,14 @@ augment:
 {extra}"""
 
 
-def test_augment_with_a_real_local_model_that_writes_nonsense(tmp_path, tiny_assets, capsys) -> None:
+@pytest.mark.parametrize("labels", ["['0', '1']", "[negative, positive]"])  # the data's labels are 0 and 1
+def test_augment_with_a_real_local_model_that_writes_nonsense(tmp_path, tiny_assets, capsys, labels) -> None:
     """A random tiny GPT-2 never writes '(sentiment: ...)': every output is dropped, the run says so
-    in one line (exit 2) and still writes the data card and the recorded teacher calls."""
+    in one line (exit 2) and still writes the data card and the recorded teacher calls. Integer labels
+    index named classes, as in kdistill distill."""
     path = tmp_path / "aug.yaml"
-    path.write_text(_recipe(tmp_path, tiny_assets, tiny_assets["gpt2"]))
+    path.write_text(_recipe(tmp_path, tiny_assets, tiny_assets["gpt2"]).replace("labels: ['0', '1']",
+                                                                                f"labels: {labels}"))
     assert main(["augment", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unparsable" in err[0]
