@@ -210,7 +210,7 @@ class LocalTeacher:
             from kdistill.models.resolve import load_model, load_tokenizer
 
             ref = str(model_ref_or_model)
-            model = load_model(ref, "causal", dtype=dtype)
+            model = load_model(ref, "causal", dtype=dtype, trained=True)  # a teacher: its LM head must be real
             if tokenizer is None:
                 tokenizer = load_tokenizer(ref)
             default_name = f"local:{ref}"

@@ -7,6 +7,7 @@ directory (it must hold ``config.json``), then a hub id already in the local Hug
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -145,16 +146,33 @@ def load_model(
         kwargs["dtype"] = dtype
     path = resolve_model_path(ref)
     try:
-        model, info = _AUTO_CLASSES[task].from_pretrained(path, output_loading_info=True, **kwargs)
+        with _no_load_report():
+            model, info = _AUTO_CLASSES[task].from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load model {ref!r} for task {task!r}: {_one_line(exc)}") from exc
     missing = sorted(info.get("missing_keys") or [])
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     if trained and missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ModelError(f"model {ref!r} has no trained {task} head: {shown} not in its checkpoint (would be "
                          "random); give a model trained for this task")
+    if missing:
+        logger.info("%s: %s freshly initialised (not in the checkpoint)", ref, shown)
     logger.info("loaded %s from %s", type(model).__name__, path)
     return model
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """Keep transformers' multi-line load report (missing/unexpected/mismatched weights) off stderr:
+    :func:`load_model` says what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _label_kwargs(num_labels: int | None, labels: list[str] | None) -> dict:

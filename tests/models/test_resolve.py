@@ -152,3 +152,17 @@ def test_resolving_the_alias_does_not_import_its_package() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "False"]
+
+
+def test_transformers_load_report_stays_off_stderr(tiny_assets) -> None:
+    """transformers prints a multi-line report of missing or mismatched weights; load_model says what
+    matters in one line (an error for a teacher, a log line for a student's fresh head)."""
+    script = (f"from kdistill.errors import ModelError\nfrom kdistill.models.resolve import load_model\n"
+              f"load_model({str(tiny_assets['gpt2'])!r}, 'classification', num_labels=2)\n"
+              f"try:\n    load_model({str(tiny_assets['gpt2'])!r}, 'classification', num_labels=2, trained=True)\n"
+              f"except ModelError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "LOAD REPORT" not in result.stderr and "MISSING" not in result.stderr, result.stderr
+    assert "has no trained classification head: score.weight" in result.stdout
