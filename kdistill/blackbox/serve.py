@@ -45,6 +45,7 @@ FAULT_KINDS = ("timeout", "malformed", "ok")
 """Fault names besides HTTP status codes (``"429"``, ``"500"``, any 400–599)."""
 
 MALFORMED_BODY = b'{"id": "cmpl-fault", "choices": [{"text": "trunc'
+MAX_BODY_BYTES = 64 << 20  # a larger request body is refused before it is read
 
 
 def _check_fault(kind: str) -> str:
@@ -315,7 +316,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(404, f"no route GET {self.path}", kind="not_found_error")
 
     def do_POST(self) -> None:  # noqa: N802 - the base class's name
-        length = int(self.headers.get("Content-Length") or 0)
+        header = self.headers.get("Content-Length") or "0"
+        length = int(header) if header.strip().isdigit() else -1
+        if not 0 <= length <= MAX_BODY_BYTES:  # unread bytes would be taken for the next request: close
+            self.close_connection = True
+            self._send_error(400, f"Content-Length must be a byte count up to {MAX_BODY_BYTES}, not {header!r}")
+            return
         raw = self.rfile.read(length) if length else b""
         if not self._authorised():
             return
@@ -342,6 +348,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except json.JSONDecodeError as exc:
             self._send_error(400, f"the request body is not JSON: {exc}")
+            return
+        except UnicodeDecodeError as exc:
+            self._send_error(400, f"the request body is not UTF-8 (byte {exc.start})")
             return
         except KdistillError as exc:
             self._send_error(400, str(exc))

@@ -168,3 +168,33 @@ def test_fault_plan_spec_and_cli_registration():
     args = parser.parse_args(["serve", "some/model", "--port", "0", "--faults", "429,500"])
     assert args.command == "serve" and args.model == "some/model" and args.port == 0 and callable(args.func)
     assert args.host == "127.0.0.1" and args.api_key_env is None
+
+
+def _raw_post(url: str, head: str, body: bytes) -> tuple[int, dict]:
+    """Send one hand-written POST to /v1/completions; return the status and the JSON error body."""
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and len(data.split(b"\r\n\r\n", 1)[1]) >= int(
+                    data.split(b"Content-Length: ")[1].split(b"\r\n")[0]):
+                break
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize(("head", "body", "message"), [
+    ("Content-Length: abc\r\n", b"{}", "Content-Length must be a byte count"),
+    ("Content-Length: -1\r\n", b"{}", "Content-Length must be a byte count"),
+    (f"Content-Length: {(64 << 20) + 1}\r\n", b"{}", "Content-Length must be a byte count up to 67108864"),
+    ("Content-Length: 31\r\n", b'{"prompt": "\xff\xfe", "max_tokens": 2}'[:31], "not UTF-8 (byte 12)"),
+])
+def test_malformed_http_requests_get_400_and_the_server_keeps_serving(server, head, body, message):
+    status, answer = _raw_post(server.url, head, body)
+    assert status == 400 and message in answer["error"]["message"], answer
+    ok = OpenAITeacher("tiny", server.url, **FAST).complete(["the movie"], GREEDY)
+    assert len(ok) == 1
