@@ -207,7 +207,11 @@ def _load_hf(source: str, *, split: str | None, config_name: str | None) -> list
         ) from None
     if isinstance(ds, dict):  # DatasetDict: split=None
         if len(ds) != 1:
-            raise ConfigError(f"split: dataset {source!r} has splits {sorted(ds)}; pass split=")
+            if Path(source).expanduser().is_dir():
+                raise ConfigError(f"{source}: a folder of {len(ds)} splits ({', '.join(sorted(ds))}); name the "
+                                  "data file of one")
+            raise ConfigError(f"split: dataset {source!r} has splits {sorted(ds)}; choose one (a recipe's "
+                              "data.train.split / data.validation.split)")
         ds = next(iter(ds.values()))
     rows = ds.to_list() if hasattr(ds, "to_list") else [dict(r) for r in ds]
     if not rows:

@@ -174,6 +174,12 @@ def test_local_directory_loads_through_datasets_or_is_named(monkeypatch: pytest.
     message = str(info.value)
     assert message.startswith(f"{empty}: a directory that `datasets` cannot load")
     assert "network" not in message and "\n" not in message
+    two = tmp_path / "two-splits"
+    two.mkdir()
+    write(two / "train.jsonl", '{"text": "a", "label": 0}\n')
+    write(two / "validation.jsonl", '{"text": "b", "label": 1}\n')
+    with pytest.raises(ConfigError, match=rf"^{two}: a folder of 2 splits \(train, validation\); name the data file"):
+        load_rows(str(two))
 
 
 def test_datasets_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
