@@ -354,9 +354,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    generation = {n: getattr(args, n) for n in ("max_generate", "max_new_tokens") if getattr(args, n) is not None}
     common = dict(batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
-                  max_generate=args.max_generate, max_new_tokens=args.max_new_tokens, speed=not args.no_speed,
-                  device=check_device(args.device))
+                  speed=not args.no_speed, device=check_device(args.device), **generation)
     if args.run_dir is not None:
         given = [f"--{n.replace('_', '-')}" for n in ("student", "task") + _DATA_OPTIONS if getattr(args, n) is not None]
         if given:
@@ -370,6 +370,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(f"give RUN_DIR, or all of --teacher, --student, --task and --data (missing "
                               f"{', '.join(missing)})")
         given = {n: getattr(args, n) for n in _DATA_OPTIONS if getattr(args, n) is not None}
+        for options, applies, needs in (
+                (("labels", "text_pair_column", "label_column"), args.task == "classification", "--task classification"),
+                (tuple(generation), args.format == "instruction", "--format instruction")):
+            ignored = [f"--{n.replace('_', '-')}" for n in options if n in given or n in generation]
+            if ignored and not applies:
+                raise ConfigError(f"{', '.join(ignored)}: for {needs} only (they would have no effect)")
         if "labels" in given:
             given["labels"] = [x.strip() for x in given["labels"].split(",")]
         cols = DataColumns(**given)  # its defaults for the rest
@@ -409,8 +415,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions; medians reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
     p.add_argument("--new-tokens", type=int, default=16, help="causal LMs: decode steps timed (default 16)")
-    p.add_argument("--max-generate", type=int, default=32, help="instruction rows scored with ROUGE-L")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for ROUGE-L")
+    p.add_argument("--max-generate", type=int, help="instruction rows scored with ROUGE-L (default 32)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length for ROUGE-L (default 64)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-speed", action="store_true", help="skip the timing")

@@ -178,3 +178,19 @@ def test_instruction_data_scores_greedy_generations_with_rouge_l(tiny_assets) ->
     assert student["rouge_l"] == teacher["rouge_l"] and student["samples"] == teacher["samples"]  # the same model
     assert metrics["primary_metric"]["name"] == "rouge_l"
     assert metrics["models"]["student"]["vs_teacher"]["agreement"] == 1.0
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--task", "causal", "--labels", "neg,pos", "--text-pair-column", "label"],
+     "--labels, --text-pair-column: for --task classification only"),
+    (["--task", "causal", "--max-generate", "4", "--max-new-tokens", "2"],
+     "--max-generate, --max-new-tokens: for --format instruction only"),
+])
+def test_cli_pair_mode_refuses_options_that_would_have_no_effect(tiny_assets, tmp_path, extra, message) -> None:
+    parser = argparse.ArgumentParser(prog="kdistill")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", "--teacher", str(tiny_assets["gpt2"]), "--student", str(tiny_assets["gpt2"]),
+                              "--data", str(tiny_assets["dev"]), "--no-speed", "--out", str(tmp_path), *extra])
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        args.func(args)
+    assert not (tmp_path / "report").exists()
