@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError
 
 DEFAULT_BLOCKLIST: tuple[str, ...] = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -413,7 +413,12 @@ def load_eval_sets(sources: Mapping[str, str] | Iterable[str]) -> dict[str, list
     from kdistill.data import load_rows
 
     named = dict(sources) if isinstance(sources, Mapping) else {s: s for s in sources}
-    return {name: eval_texts_from_rows(load_rows(src)) for name, src in named.items()}
+    sets = {name: eval_texts_from_rows(load_rows(src)) for name, src in named.items()}
+    for name, texts in sets.items():
+        if not texts:  # decontaminating against nothing would pass everything without a word
+            raise DataError(f"evaluation set {named[name]}: no text to decontaminate against (its rows hold no "
+                            "non-empty strings)")
+    return sets
 
 
 # --------------------------------------------------------------------------------------------

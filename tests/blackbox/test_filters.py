@@ -27,7 +27,7 @@ from kdistill.blackbox.filters import (
     shingles,
 )
 from kdistill.blackbox.self_instruct import default_seed_path
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError
 
 ORIGINAL_SEEDS = Path(__file__).resolve().parents[3] / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 
@@ -239,6 +239,10 @@ def test_eval_sets_from_files(tmp_path):
                                 "green leaves", "CO2"]}
     decon = Decontaminator(sets)
     assert decon.match("Q: which gas do plants take in from the air to make sugar by photosynthesis?") == "science"
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"id": 1, "score": 0.5}\n{"id": 2, "text": "  "}\n')
+    with pytest.raises(DataError, match=f"^evaluation set {numbers}: no text to decontaminate against"):
+        load_eval_sets([str(numbers)])
 
 
 # ------------------------------------------------------------------------------------------ example filter
