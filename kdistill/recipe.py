@@ -313,6 +313,8 @@ class Recipe(_Strict):
             raise ValueError(f"student.init_from_teacher.vocab only trims causal LMs, not a {self.task} model")
         if self.augment is not None and self.task != "classification":
             raise ValueError(f"augment (GPT3Mix) makes classification data; task is {self.task}")
+        if self.generate is not None and self.task != "causal":
+            raise ValueError(f"generate (Self-Instruct) makes instruction data for a causal LM; task is {self.task}")
         if (self.training.early_stopping_patience and self.data.validation is None
                 and not self.data.validation_fraction):
             raise ValueError("training.early_stopping_patience needs a validation split to watch: give "

@@ -155,3 +155,11 @@ def test_a_written_out_recipe_with_every_teacher_default_is_valid() -> None:
     recipe = parse_recipe(GENERATE.replace("TEACHER", "{backend: replay, model: m, replay_file: r.sqlite}"))
     again = parse_recipe(dump_recipe(recipe))  # api_key_env, chat, max_concurrency ... written out at their defaults
     assert again == recipe and again.generate.teacher.api_key_env == "OPENAI_API_KEY"
+
+
+def test_generate_needs_a_causal_task() -> None:
+    text = GENERATE.replace("TEACHER", "{backend: local, model: m}").replace("task: causal", "task: classification")
+    text = text.replace(", format: instruction", "")
+    with pytest.raises(ConfigError, match=r"generate \(Self-Instruct\) makes instruction data for a causal LM; "
+                                          r"task is classification"):
+        parse_recipe(text, "r.yaml")
