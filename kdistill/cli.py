@@ -47,6 +47,12 @@ def _cmd_example(args: argparse.Namespace) -> None:
         raise ConfigError(f"--steps must be ≥ 1, got {args.steps}")
     if args.kind not in DIVERGENCES:
         raise ConfigError(f"--kind {args.kind!r} is not one of {', '.join(DIVERGENCES)}")
+    if not 0 < args.temperature < float("inf"):
+        raise ConfigError(f"--temperature must be a positive number, got {args.temperature}")
+    output = Path(args.output) if args.output else None
+    if output is not None and (output.is_dir() or not output.parent.is_dir()):  # found before training, not after
+        why = "is a folder" if output.is_dir() else f"is in a folder that does not exist ({output.parent})"
+        raise ConfigError(f"--output {output} {why}; give a file path")
     console = _message_console()
     with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -61,12 +67,11 @@ def _cmd_example(args: argparse.Namespace) -> None:
         f"teacher–student KL  {result.kl_before:.4f} → {result.kl_after:.4f}\n"
         f"top-1 agreement     {result.agreement_before:.1%} → {result.agreement_after:.1%}"
     )
-    if args.output:
-        path = Path(args.output)
-        tmp = path.with_name(path.name + ".tmp")
+    if output is not None:
+        tmp = output.with_name(output.name + ".tmp")
         tmp.write_text(json.dumps(result_dict(result), indent=2))
-        tmp.replace(path)
-        console.print(f"metrics written to {path}")
+        tmp.replace(output)
+        console.print(f"metrics written to {output}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:

@@ -29,12 +29,18 @@ def test_example_distils_and_writes_metrics(tmp_path) -> None:
 
 
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path) -> None:
-    for args in (["example", "--kind", "kl"], ["example", "--steps", "0"]):
+    cases = [(["example", "--kind", "kl"], "--kind 'kl' is not one of"), (["example", "--steps", "0"], "--steps"),
+             (["example", "--temperature", "0"], "--temperature must be a positive number, got 0.0"),
+             (["example", "--output", str(tmp_path)], f"--output {tmp_path} is a folder"),
+             (["example", "--output", str(tmp_path / "no" / "m.json")],
+              f"is in a folder that does not exist ({tmp_path / 'no'})")]
+    for args, message in cases:
         result = _run(*args)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("kdistill: error: ")
-        assert "Traceback" not in result.stderr
+        assert len(lines) == 1 and lines[0].startswith("kdistill: error: ") and message in lines[0], lines
+        assert "Traceback" not in result.stderr and "distilling" not in result.stdout  # refused before training
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_losses_lists_every_registered_kind() -> None:
