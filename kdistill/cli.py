@@ -216,8 +216,15 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error, pointing at the command's ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation of language models.")
+    parser = _OneLineParser(prog="kdistill", description="Knowledge distillation of language models.")
     parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -239,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         """A command taking a recipe and key.sub=value overrides (+ the training flags)."""
         sub = commands.add_parser(name, help=help)
         sub.add_argument("recipe", help=recipe_help)
-        sub.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=100")
+        sub.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides, e.g. training.max_steps=100")
         if training:
             sub.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
             sub.add_argument("--force", action="store_true", help="overwrite a run directory of another recipe")
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in overrides]
     if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.prog = f"kdistill {args.command}"  # the command whose arguments they are not
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides

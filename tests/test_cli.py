@@ -78,3 +78,14 @@ def test_recipe_overrides_encoding_and_devices_give_one_line_errors(tmp_path, ca
         assert code == 2 and len(lines) == 1, (args, lines)
         assert lines[0].startswith(f"kdistill: error: {message}"), (args, lines)
     assert main(["validate", str(recipe), "training.max_steps=5"]) == 0
+
+
+def test_usage_mistakes_are_one_line_naming_the_command() -> None:
+    cases = [(["losses", "forward_kl"], "kdistill losses: error: unrecognized arguments: forward_kl "
+                                       "(see kdistill losses --help)"),
+             (["example", "--steps", "abc"], "kdistill example: error: argument --steps: invalid int value: 'abc'"),
+             (["distill"], "kdistill distill: error: the following arguments are required: recipe (see")]
+    for args, message in cases:
+        result = _run(*args)
+        assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
