@@ -70,7 +70,7 @@ def test_recipe_overrides_encoding_and_devices_give_one_line_errors(tmp_path, ca
         (["evaluate", str(tmp_path), "--text-column", "sentence", "--max-length", "64"],
          "--text-column, --max-length: without RUN_DIR only"),
         (["example", "--steps", "2", "--output", str(tmp_path / "no-such-dir" / "m.json")],
-         f"No such file or directory: {tmp_path / 'no-such-dir' / 'm.json'}"),
+         f"--output {tmp_path / 'no-such-dir' / 'm.json'} is in a folder that does not exist"),
     ]
     for args, message in cases:
         code = main(args)
