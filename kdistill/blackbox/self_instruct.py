@@ -165,6 +165,10 @@ def load_seeds(path: str | os.PathLike[str]) -> list[SeedTask]:
             if pos >= len(text):
                 raise DataError(f"{name} line {text.count(chr(10)) + 1}: invalid JSON: unterminated list")
             if text[pos] == "]":
+                rest = text[pos + 1:].strip()
+                if rest:
+                    line = text.count("\n", 0, text.index(rest, pos)) + 1
+                    raise DataError(f"{name} line {line}: invalid JSON: text after the list ({rest[:20]!r})")
                 break
             line = text.count("\n", 0, pos) + 1
             try:
@@ -173,7 +177,12 @@ def load_seeds(path: str | os.PathLike[str]) -> list[SeedTask]:
                 raise DataError(f"{name} line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             seeds.append(_seed_from_obj(obj, f"{name} line {line}", len(seeds)))
     else:
-        for lineno, obj in iter_jsonl(text.splitlines(), name):
+        lines = text.splitlines()
+        first = next((line for line in lines if line.strip()), "")
+        if first.strip() in ("{", "{}") or (first.strip().startswith("{") and not first.rstrip().endswith("}")):
+            raise DataError(f"{name}: one JSON object spread over lines; seed files are JSONL (one task a line) "
+                            "or a JSON list of tasks (Alpaca)")
+        for lineno, obj in iter_jsonl(lines, name):
             seeds.append(_seed_from_obj(obj, f"{name} line {lineno}", len(seeds)))
     if not seeds:
         raise DataError(f"{name}: no seed tasks")

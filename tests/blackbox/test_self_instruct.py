@@ -195,6 +195,10 @@ def test_alpaca_json_seeds(tmp_path):
         (['{"instruction": "a", "instances": [{"output": "x"}], "is_classification": "yes"}'],
          "seeds.jsonl line 1: field 'is_classification' must be true or false"),
         (["", "  "], "seeds.jsonl: no seed tasks"),
+        (["{", '  "instruction": "a b c d",', '  "instances": [{"input": "", "output": "x"}]', "}"],
+         "seeds.jsonl: one JSON object spread over lines; seed files are JSONL"),
+        (['[{"instruction": "a", "output": "b"}]', "trailing {"],
+         "seeds.jsonl line 2: invalid JSON: text after the list ('trailing {')"),
     ],
 )
 def test_seed_errors_name_the_line(tmp_path, lines, message):
