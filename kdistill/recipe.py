@@ -217,6 +217,16 @@ class AugmentSpec(_Strict):
     votes: int = Field(8, ge=1)
     ratio: float = Field(1.0, ge=0)  # synthetic : real rows when training
 
+    @field_validator("verbalizers")
+    @classmethod
+    def _parseable(cls, names: list[str] | None) -> list[str] | None:
+        """The teacher writes "<text> (<label_type>: <name>)": a name must fit between ':' and ')'."""
+        for name in names or []:
+            if not name.strip() or any(c in name for c in ")\n"):
+                raise ValueError(f"verbalizer {name!r} could never be read back from the teacher's "
+                                 "'(<label_type>: <name>)'; use a non-empty name without ')' or a line break")
+        return names
+
 
 class GenerateSpec(_Strict):
     """Self-Instruct / Alpaca generation of instruction data by a black-box teacher."""

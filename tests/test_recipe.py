@@ -163,3 +163,10 @@ def test_generate_needs_a_causal_task() -> None:
     with pytest.raises(ConfigError, match=r"generate \(Self-Instruct\) makes instruction data for a causal LM; "
                                           r"task is classification"):
         parse_recipe(text, "r.yaml")
+
+
+def test_verbalizers_the_teacher_could_not_write_back_are_refused() -> None:
+    text = BASE + ("augment:\n  teacher: {backend: local, model: m}\n  text_type: review\n  label_type: sentiment\n"
+                   "  verbalizers: ['good :)', bad]\n")
+    with pytest.raises(ConfigError, match=r"augment\.verbalizers: verbalizer 'good :\)' could never be read back"):
+        parse_recipe(text, "r.yaml")
