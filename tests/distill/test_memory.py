@@ -4,6 +4,8 @@ at a training step's high points."""
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kdistill.distill.memory import HeapTrims, return_free_memory
+from kdistill.distill.memory import HeapTrims
 
 
 def _rss() -> int:
@@ -21,20 +23,35 @@ def _rss() -> int:
     raise AssertionError("no VmRSS")
 
 
+_HOLES = """
+import sys
+from pathlib import Path
+from kdistill.distill.memory import return_free_memory
+
+def rss():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+# 196 MB of 64 kB blocks (below glibc's mmap threshold: heap), each followed by a 1 kB block
+# that stays, so the freed ones are holes inside the heap that free() alone does not return
+blocks, pins = [], []
+for _ in range(3000):
+    blocks.append(bytearray(b"x" * 65536))
+    pins.append(bytearray(b"y" * 1024))
+del blocks
+before = rss()
+assert return_free_memory()
+print(before - rss())
+"""
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_freed_heap_memory_goes_back_to_the_os() -> None:
-    # 196 MB of 64 kB blocks (below glibc's mmap threshold: heap), each followed by a 1 kB block
-    # that stays, so the freed ones are holes inside the heap that free() alone does not return
-    blocks, pins = [], []
-    for _ in range(3000):
-        blocks.append(bytearray(b"x" * 65536))
-        pins.append(bytearray(b"y" * 1024))
-    del blocks
-    before = _rss()
-    assert return_free_memory()
-    after = _rss()
-    assert before - after > 100 * 2**20, (before, after)
-    del pins
+    """In a fresh interpreter: earlier tests' heap (freed holes, glibc's adapted mmap threshold)
+    decides where the blocks go, and made the drop flaky in the full suite."""
+    result = subprocess.run([sys.executable, "-c", _HOLES], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 100 * 2**20, result.stdout
 
 
 def _tiny_llama(layers: int = 3) -> LlamaForCausalLM:
