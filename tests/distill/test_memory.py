@@ -6,7 +6,6 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +13,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kdistill.distill.memory import HeapTrims
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
 
 _HOLES = """
 import sys
