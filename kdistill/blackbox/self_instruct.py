@@ -17,7 +17,9 @@ Stages, each resumable, each with its own append-only JSONL file in the output d
 by a kill is dropped (and cut from the file), so its prompts are sent again; records are keyed
 by id and finished ids are never asked for again. The in-context sample of prompt ``p`` of call
 ``k`` comes from ``random.Random(f"{seed}:{k}:{p}")`` over the pool rebuilt from the file, so
-a resumed run sends the same prompts as an uninterrupted one. A directory is refused if it
+a resumed run sends the same prompts as an uninterrupted one. Sampled instructions are seeded too
+(call ``k`` samples with seed :func:`call_seed` ``(seed, k)`` unless the sampling parameters name
+one), so a run is reproducible where the teacher honours seeds (a local model always does). A directory is refused if it
 holds a run with another teacher, seed file or generation setting.
 
 Malformed teacher outputs (unnumbered or empty list items, a yes/no answer that is neither,
@@ -27,6 +29,7 @@ a completion cut by ``max_tokens`` is dropped (instructions) or marked truncated
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +37,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -528,6 +531,7 @@ class SelfInstructConfig:
     patience: int = 20
     """Stage 1 gives up after this many calls in a row without a new kept instruction."""
     seed: int = 0
+    """Picks the in-context examples and, per call, the instruction sampler's seed (:func:`call_seed`)."""
     instruction_params: SamplingParams | None = None
     classify_params: SamplingParams | None = None
     instance_params: SamplingParams | None = None
@@ -703,6 +707,11 @@ class _PromptBudget:
         self.used += answered
 
 
+def call_seed(seed: int, call: int) -> int:
+    """The sampling seed of instruction call ``call`` of a run seeded ``seed`` (31 bits of a sha256)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{call}".encode()).digest()[:4], "big") >> 1
+
+
 def _complete(
     teacher: TextTeacher, prompts: list[str], params: SamplingParams
 ) -> tuple[list[Completion | None], BlackBoxError | None]:
@@ -783,7 +792,8 @@ def generate_instructions(
                                           config.num_machine_in_context)
                 prompts.append(instruction_prompt(shown))
             firsts.append(len(shown) + 1)
-        completions, error = _complete(teacher, prompts, params)
+        seeded = params if params.seed is not None else replace(params, seed=call_seed(config.seed, call))
+        completions, error = _complete(teacher, prompts, seeded)
         header: dict[str, Any] = {"_group": call, "prompts": 0, "malformed": 0, "truncated": 0}
         records: list[dict[str, Any]] = []
         for p, comp in enumerate(completions):

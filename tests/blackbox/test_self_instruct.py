@@ -24,6 +24,7 @@ from kdistill.blackbox.self_instruct import (
     GroupLog,
     SelfInstructConfig,
     alpaca_prompt,
+    call_seed,
     classification_prompt,
     default_seed_path,
     filter_examples,
@@ -470,3 +471,31 @@ def test_config_errors():
         SelfInstructConfig(mode="gpt")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="num_instructions"):
         SelfInstructConfig(num_instructions=0)
+
+
+def test_instruction_calls_are_seeded_per_call_so_a_run_is_reproducible(tmp_path):
+    """Sampled instructions used the process's random state (seed None): two runs of the demo wrote
+    different data. Call k now samples with call_seed(seed, k); an explicit seed is kept."""
+    from dataclasses import replace
+
+    class SeedRecorder(ScriptedTeacher):
+        def __init__(self):
+            super().__init__()
+            self.seeds = []
+
+        def complete(self, prompts, params, n=1, logprobs=None):
+            if params.temperature > 0:
+                self.seeds.append(params.seed)
+            return super().complete(prompts, params, n=n, logprobs=logprobs)
+
+    teacher = SeedRecorder()
+    run_self_instruct(teacher, tmp_path / "a", small_config(seed=5))
+    calls = len(teacher.seeds)
+    assert calls >= 2 and teacher.seeds == [call_seed(5, k) for k in range(calls)]
+    assert len(set(teacher.seeds)) == calls and call_seed(6, 0) != call_seed(5, 0)
+    assert all(0 <= s < 2**31 for s in teacher.seeds)
+    fixed = SeedRecorder()
+    config = small_config(seed=5)
+    config = replace(config, instruction_params=replace(config.instruction_sampling(), seed=11))
+    run_self_instruct(fixed, tmp_path / "b", config)
+    assert set(fixed.seeds) == {11}
