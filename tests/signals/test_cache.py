@@ -328,7 +328,6 @@ def test_block_topk_equals_topk(vocab, k):
     assert torch.equal(ids[1:], z[1:].topk(k, -1).indices)
 
 
-
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: m.update(k="16"), r"field 'k' should be int, got '16'"),
     (lambda m: m.update(temperature=None), r"field 'temperature' should be float, got None"),
