@@ -1,12 +1,13 @@
 """What each stage of ``kdistill run`` read, so that a later run notices an edited input.
 
-``<run>/stage_inputs.json`` maps each stage that ``kdistill run`` finished to the sha256 of every
-local file it read: the seed tasks and evaluation sets of ``generate``; the data files
-(``data.train``, ``data.validation``) of ``augment``, ``cache``, ``distill`` and ``evaluate``.
-A stage whose record disagrees with the files now is stale: it and every stage after it run again.
-A finished stage with no record (run by its own command, or by an older kdistill) is recorded as
-it is when ``kdistill run`` first skips it. Hub datasets and models are not fingerprinted (the
-cache's manifest checks the teacher itself).
+``<run>/stage_inputs.json`` maps each stage that ``kdistill run`` started to the sha256 of every
+local file it read (``files``: the seed tasks and evaluation sets of ``generate``; the data files,
+``data.train`` and ``data.validation``, of ``augment``, ``cache``, ``distill`` and ``evaluate``)
+and whether that run finished (``finished``). A stage whose files differ from its record is stale:
+it and every stage after it run again. So does a stage whose outputs are complete but whose last
+run, on these files, did not finish (the outputs are an earlier run's, on other files). A finished
+stage with no record (run by its own command) is recorded as it is when ``kdistill run`` first
+skips it. Hub datasets and models are not fingerprinted (the cache's manifest checks the teacher).
 """
 
 from __future__ import annotations
@@ -40,31 +41,33 @@ def fingerprint(recipe: Recipe, stage: str) -> dict[str, str]:
 def changed_input(recipe: Recipe, stage: str) -> str | None:
     """How the first input of ``stage`` that differs from what its last run read differs
     (``"<file> changed"``, ``"<file> was removed"``), or None when they agree or the stage has no record."""
-    old = _records(recipe).get(stage)
-    if old is None:
+    entry = _records(recipe).get(stage)
+    if entry is None:
         return None
-    new = fingerprint(recipe, stage)
+    old, new = entry["files"], fingerprint(recipe, stage)
     path = next((path for path in sorted(old.keys() | new.keys()) if old.get(path) != new.get(path)), None)
     if path is None:
         return None
     return f"{path} was removed" if path not in new else f"{path} changed"
 
 
-def has_record(recipe: Recipe, stage: str) -> bool:
-    return stage in _records(recipe)
+def last_run_finished(recipe: Recipe, stage: str) -> bool | None:
+    """Whether the stage's last recorded run finished; None when it has no record."""
+    entry = _records(recipe).get(stage)
+    return None if entry is None else entry["finished"]
 
 
-def record(recipe: Recipe, stage: str) -> None:
-    """Write what ``stage`` read now into the run's record (atomically)."""
+def record(recipe: Recipe, stage: str, *, finished: bool) -> None:
+    """Write what ``stage`` reads now, and whether its run finished, into the run's record (atomically)."""
     records = _records(recipe)
-    records[stage] = fingerprint(recipe, stage)
+    records[stage] = {"files": fingerprint(recipe, stage), "finished": finished}
     path = recipe.run_dir / RECORD
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(records, indent=1) + "\n")
     os.replace(tmp, path)
 
 
-def _records(recipe: Recipe) -> dict[str, dict[str, str]]:
+def _records(recipe: Recipe) -> dict[str, dict]:
     path = recipe.run_dir / RECORD
     if not path.is_file():
         return {}
@@ -74,4 +77,6 @@ def _records(recipe: Recipe) -> dict[str, dict[str, str]]:
         records = None
     if not isinstance(records, dict):
         return {}  # a damaged record is rewritten: the finished stages count as unrecorded
-    return {stage: files for stage, files in records.items() if isinstance(files, dict)}
+    return {stage: entry for stage, entry in records.items()
+            if isinstance(entry, dict) and isinstance(entry.get("files"), dict)
+            and isinstance(entry.get("finished"), bool)}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kdistill.errors import ConfigError
 from kdistill.recipe import Recipe
-from kdistill.stage_inputs import changed_input, has_record, record
+from kdistill.stage_inputs import changed_input, last_run_finished, record
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "augment", "cache", "distill", "evaluate")
@@ -132,18 +132,25 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
                 report(f"{stage}: {changed} since it ran; running it and the stages after it again")
                 stale = True
             elif is_finished(recipe, stage):
-                if not has_record(recipe, stage):
-                    record(recipe, stage)  # finished outside kdistill run: taken as made from the files now
-                report(f"{stage}: finished earlier, skipped")
-                done[stage] = "skipped"
-                continue
+                finished = last_run_finished(recipe, stage)
+                if finished is False:  # complete outputs, but not of its last run (on these files): older ones
+                    report(f"{stage}: its outputs are from a run on other inputs; running it and the stages after "
+                           "it again")
+                    stale = True
+                else:
+                    if finished is None:
+                        record(recipe, stage, finished=True)  # finished outside kdistill run: made from these files
+                    report(f"{stage}: finished earlier, skipped")
+                    done[stage] = "skipped"
+                    continue
         if stale:
             _set_aside(recipe, stage, report)
-        record(recipe, stage)  # what this run of the stage reads
+        record(recipe, stage, finished=False)  # what this run reads; an interrupted run is compared with it
         report(f"{stage}: running")
         start = time.perf_counter()
         metrics = _run_stage(recipe, stage, forced=stage in forced or stale,
                              evaluate_options=evaluate_options or {}) or metrics
+        record(recipe, stage, finished=True)
         done[stage] = round(time.perf_counter() - start, 1)
         report(f"{stage}: done in {done[stage]:.0f} s")
     if not metrics and is_finished(recipe, "evaluate"):

@@ -57,7 +57,8 @@ def test_a_stage_finished_by_its_own_command_is_recorded_when_first_skipped(tmp_
     outcome, _ = _run(text)
     assert outcome["stages"]["distill"] == "skipped" and outcome["stages"]["evaluate"] != "skipped"
     record = json.loads((tmp_path / "run" / "stage_inputs.json").read_text())
-    assert set(record) == {"distill", "evaluate"} and str(train) in record["distill"]
+    assert set(record) == {"distill", "evaluate"} and str(train) in record["distill"]["files"]
+    assert record["distill"]["finished"] and record["evaluate"]["finished"]
     train.write_text(train.read_text() + json.dumps({"text": "an added row", "label": 1}) + "\n")
     again, lines = _run(text)
     assert again["stages"]["distill"] != "skipped" and any("changed since it ran" in line for line in lines)
@@ -124,3 +125,20 @@ def test_a_data_file_gone_since_the_run_is_reported_and_nothing_is_lost(tmp_path
         run_stages(parse_recipe(text), report=lines.append, evaluate_options=QUICK)
     assert f"distill: {train} was removed since it ran; running it and the stages after it again" in lines
     assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() == student
+
+
+def test_outputs_of_an_earlier_run_are_not_taken_for_a_failed_run_on_new_data(capsys, tmp_path, recipe_text) -> None:
+    """Data edited into something distill refuses: the earlier student stays, but a second run on the
+    same data must not skip distill as 'finished' (its outputs are of the old data)."""
+    from kdistill.errors import DataError
+
+    text, train = recipe_text
+    _run(text)
+    train.write_text(train.read_text() + json.dumps({"text": "a row with a new label", "label": 7}) + "\n")
+    for attempt in range(2):
+        lines: list[str] = []
+        with pytest.raises(DataError):
+            run_stages(parse_recipe(text), report=lines.append, evaluate_options=QUICK)
+        assert not any("finished earlier, skipped" in line for line in lines), (attempt, lines)
+    assert "distill: its outputs are from a run on other inputs; running it and the stages after it again" in lines
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()  # the earlier student is kept
