@@ -195,19 +195,26 @@ def _load_hf(source: str, *, split: str | None, config_name: str | None) -> list
             f"{source!r} is not a local file and loading Hugging Face datasets needs `datasets` "
             "(pip install datasets)"
         ) from None
+    local = Path(source).expanduser().is_dir()
+    quiet = local and not datasets.are_progress_bars_disabled()  # a local folder loads in a moment: no bars
+    if quiet:
+        datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(source, config_name, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
-        if Path(source).expanduser().is_dir():  # a local folder: the network is not the reason
+        if local:  # a local folder: the network is not the reason
             raise DataError(f"{source}: a directory that `datasets` cannot load ({_first_line(exc)}); "
                             f"name a data file in it ({', '.join(FORMATS)})") from None
         raise DataError(
             f"dataset {source!r} could not be loaded "
             f"(not cached and HF_HUB_OFFLINE=1 / no network?): {_first_line(exc)}"
         ) from None
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
     if isinstance(ds, dict):  # DatasetDict: split=None
         if len(ds) != 1:
-            if Path(source).expanduser().is_dir():
+            if local:
                 raise ConfigError(f"{source}: a folder of {len(ds)} splits ({', '.join(sorted(ds))}); name the "
                                   "data file of one")
             raise ConfigError(f"split: dataset {source!r} has splits {sorted(ds)}; choose one (a recipe's "

@@ -157,7 +157,7 @@ def test_unknown_hf_dataset_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_local_directory_loads_through_datasets_or_is_named(monkeypatch: pytest.MonkeyPatch,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, capfd) -> None:
     """A folder is read by ``datasets`` (a folder of data files is a dataset); one it cannot read is
     named as a directory, without the network hint that fits Hub names."""
     pytest.importorskip("datasets")
@@ -166,7 +166,12 @@ def test_local_directory_loads_through_datasets_or_is_named(monkeypatch: pytest.
     folder = tmp_path / "rows"
     folder.mkdir()
     write(folder / "part.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    capfd.readouterr()
     assert load_rows(str(folder), split="train") == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    assert "Generating" not in capfd.readouterr().err  # no progress bars for a folder that loads in a moment
+    import datasets
+
+    assert not datasets.are_progress_bars_disabled()  # and the user's setting is back
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError) as info:
