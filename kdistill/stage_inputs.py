@@ -38,13 +38,14 @@ def fingerprint(recipe: Recipe, stage: str) -> dict[str, str]:
     return {str(path): sha256_file(path) for path in input_files(recipe, stage)}
 
 
-def changed_input(recipe: Recipe, stage: str) -> str | None:
-    """How the first input of ``stage`` that differs from what its last run read differs
-    (``"<file> changed"``, ``"<file> was removed"``), or None when they agree or the stage has no record."""
+def changed_input(recipe: Recipe, stage: str, new: dict[str, str]) -> str | None:
+    """How the first input of ``stage`` that differs between its last run and ``new`` (its
+    :func:`fingerprint` now) differs (``"<file> changed"``, ``"<file> was removed"``), or None when
+    they agree or the stage has no record."""
     entry = _records(recipe).get(stage)
     if entry is None:
         return None
-    old, new = entry["files"], fingerprint(recipe, stage)
+    old = entry["files"]
     path = next((path for path in sorted(old.keys() | new.keys()) if old.get(path) != new.get(path)), None)
     if path is None:
         return None
@@ -57,10 +58,11 @@ def last_run_finished(recipe: Recipe, stage: str) -> bool | None:
     return None if entry is None else entry["finished"]
 
 
-def record(recipe: Recipe, stage: str, *, finished: bool) -> None:
-    """Write what ``stage`` reads now, and whether its run finished, into the run's record (atomically)."""
+def record(recipe: Recipe, stage: str, files: dict[str, str], *, finished: bool) -> None:
+    """Write what ``stage`` read (``files``, its :func:`fingerprint` when it started) and whether
+    that run finished into the run's record (atomically)."""
     records = _records(recipe)
-    records[stage] = {"files": fingerprint(recipe, stage), "finished": finished}
+    records[stage] = {"files": files, "finished": finished}
     path = recipe.run_dir / RECORD
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(records, indent=1) + "\n")

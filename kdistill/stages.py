@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kdistill.errors import ConfigError
 from kdistill.recipe import Recipe
-from kdistill.stage_inputs import changed_input, last_run_finished, record
+from kdistill.stage_inputs import changed_input, fingerprint, last_run_finished, record
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "augment", "cache", "distill", "evaluate")
@@ -126,8 +126,9 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
     metrics: dict = {}
     stale = False  # an input of this or an earlier stage changed since it ran: this stage runs again
     for stage in selected:
+        files = fingerprint(recipe, stage)  # hashed once: what this stage reads now
         if stage not in forced and not stale:
-            changed = changed_input(recipe, stage)  # also for an interrupted stage: not resumed on other data
+            changed = changed_input(recipe, stage, files)  # also for an interrupted stage: not resumed on other data
             if changed is not None:
                 report(f"{stage}: {changed} since it ran; running it and the stages after it again")
                 stale = True
@@ -139,18 +140,18 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
                     stale = True
                 else:
                     if finished is None:
-                        record(recipe, stage, finished=True)  # finished outside kdistill run: made from these files
+                        record(recipe, stage, files, finished=True)  # finished outside kdistill run: from these files
                     report(f"{stage}: finished earlier, skipped")
                     done[stage] = "skipped"
                     continue
         if stale:
             _set_aside(recipe, stage, report)
-        record(recipe, stage, finished=False)  # what this run reads; an interrupted run is compared with it
+        record(recipe, stage, files, finished=False)  # what this run reads; an interrupted run is compared with it
         report(f"{stage}: running")
         start = time.perf_counter()
         metrics = _run_stage(recipe, stage, forced=stage in forced or stale,
                              evaluate_options=evaluate_options or {}) or metrics
-        record(recipe, stage, finished=True)
+        record(recipe, stage, files, finished=True)  # the files as they were when it started
         done[stage] = round(time.perf_counter() - start, 1)
         report(f"{stage}: done in {done[stage]:.0f} s")
     if not metrics and is_finished(recipe, "evaluate"):
