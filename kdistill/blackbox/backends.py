@@ -15,6 +15,7 @@ generated before it, so ``"".join(tokens)`` is the completion text (before stop 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -155,6 +156,26 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
 
 _CONTEXT_TOKENS = 4  # prompt tokens decoded before each piece, so leading spaces come out right
 _ALT_WINDOW = 8  # tokens decoded before each top-k alternative
+
+
+class _MaskAdviceFilter(logging.Filter):
+    """Drops transformers' "pass an `attention_mask`" advice. ``generate`` drops an all-ones mask
+    before the forward, which then gives that advice whenever a prompt starts or ends with a pad id
+    that is also the bos/eos id (GPT-2): a false alarm, since :class:`LocalTeacher` passes the mask."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _mask_advice_hidden():
+    log = logging.getLogger("transformers.modeling_utils")
+    advice = _MaskAdviceFilter()
+    log.addFilter(advice)
+    try:
+        yield
+    finally:
+        log.removeFilter(advice)
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -340,7 +361,8 @@ class LocalTeacher:
 
             kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [_StopOnStrings(self.tokenizer, params.stop, input_ids.shape[1])])
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with _mask_advice_hidden():
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         generated = out.sequences[:, input_ids.shape[1]:]  # (B·n, L)
         temperature = float(params.temperature) if sample else 1.0
         # per step, log-probabilities of the raw logits at the sampling temperature, reduced at once to

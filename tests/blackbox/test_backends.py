@@ -234,3 +234,27 @@ def test_replaying_never_writes_and_an_empty_file_is_nothing_to_replay(prompts, 
     with ReplayTeacher(None, path, mode="replay") as replay:
         replay.complete(prompts[:1], GREEDY)
     assert _digest(path) == before
+
+
+def test_no_padding_advice_for_an_unpadded_prompt_starting_with_the_pad_token(tiny_lm_dir):
+    """transformers drops generate's all-ones mask, then a model whose pad id is its bos/eos id warns
+    "pass an attention_mask" when a prompt starts with that id: kdistill passed the mask."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    model.config.pad_token_id = model.config.bos_token_id  # as GPT-2 checkpoints that set a pad token
+    teacher = LocalTeacher(model, LocalTeacher(str(tiny_lm_dir)).tokenizer, name="pad-is-bos")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    hf_root = logging.getLogger("transformers")
+    hf_root.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # a warning shown once in this process would hide it
+    try:
+        out = teacher.complete(["<eos> the movie was"], GREEDY)
+    finally:
+        hf_root.removeHandler(handler)
+    assert out[0][0].tokens
+    assert not [m for m in seen if "attention_mask" in m]
