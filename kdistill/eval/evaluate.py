@@ -23,7 +23,6 @@ import torch
 
 from kdistill.data import CausalLMFormat, ClassificationFormat, Collator, MaskedLMFormat, infer_labels, load_rows
 from kdistill.data.instruction import InstructionFormat, alpaca_prompt
-from kdistill.data.sources import split_positions
 from kdistill.devices import check_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.eval.quality import (
@@ -235,24 +234,30 @@ def _local_dir(ref: str) -> str | None:
 # ---------------------------------------------------------------------------- run directories
 
 
-def _run_rows(recipe, data: str | Path | None) -> tuple[list[dict], str, list[dict] | None, list[int] | None]:
-    """(held-out rows, their source name, training rows when they were loaded, the held-out rows'
-    numbers in that source when they are not 1, 2, ...)."""
-    from kdistill.distill.pipeline import _rows
+def _run_rows(recipe, data: str | Path | None) -> tuple[list[dict], str, list[str] | None, list[int] | None]:
+    """(held-out rows, their source name, the class names the student was trained with (classification),
+    the held-out rows' numbers in that source when they are not 1, 2, ...).
+
+    The recipe's own validation split and class names come from ``_split_rows``, as in ``distill``."""
+    from kdistill.distill.pipeline import _rows, _split_rows
 
     spec = recipe.data
+    if data is None and spec.validation is None and spec.validation_fraction <= 0:
+        raise ConfigError(f"recipe {recipe.name!r} has no validation split (data.validation or "
+                          "data.validation_fraction); pass --data FILE")
+    if data is None and spec.validation is None:
+        split = _split_rows(recipe)
+        return (split.validation, f"{spec.train.source} (validation_fraction {spec.validation_fraction:g})",
+                split.labels, split.validation_numbers)
     if data is not None:
-        return load_rows(str(data), text_column=spec.text_column), str(data), None, None
-    if spec.validation is not None:
-        return _rows(spec.validation, spec.text_column), spec.validation.source, None, None
-    if spec.validation_fraction > 0:
-        train_rows = _rows(spec.train, spec.text_column)
-        _, positions = split_positions(len(train_rows), validation_fraction=spec.validation_fraction,
-                                       seed=recipe.training.seed)
-        return ([train_rows[i] for i in positions], f"{spec.train.source} (validation_fraction "
-                f"{spec.validation_fraction:g})", train_rows, [i + 1 for i in positions])
-    raise ConfigError(f"recipe {recipe.name!r} has no validation split (data.validation or "
-                      "data.validation_fraction); pass --data FILE")
+        rows, source = load_rows(str(data), text_column=spec.text_column), str(data)
+    else:
+        rows, source = _rows(spec.validation, spec.text_column), spec.validation.source
+    labels = None
+    if recipe.task == "classification":
+        labels = spec.labels or infer_labels(_rows(spec.train, spec.text_column), spec.label_column,
+                                             source_name=spec.train.source)
+    return rows, source, labels, None
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, teacher: str | None = None,
@@ -277,15 +282,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, teacher
     teacher_ref = teacher or (recipe.teachers[0].model if recipe.teachers else None)
     if teacher_ref is None:
         raise ConfigError(f"recipe {recipe.name!r} has no teacher; pass --teacher REF to compare against")
-    rows, source, train_rows, row_numbers = _run_rows(recipe, data)
-    labels = None
-    if recipe.task == "classification":
-        labels = recipe.data.labels
-        if labels is None:
-            from kdistill.distill.pipeline import _rows
-
-            train_rows = train_rows if train_rows is not None else _rows(recipe.data.train, recipe.data.text_column)
-            labels = infer_labels(train_rows, recipe.data.label_column, source_name=recipe.data.train.source)
+    rows, source, labels, row_numbers = _run_rows(recipe, data)
     run_id = f"{recipe.name}@{hashlib.sha256(recipe_path.read_bytes()).hexdigest()[:12]}"
     metrics = evaluate_pair(teacher_ref, str(run_dir / "student"), recipe.task, rows,
                             columns=DataColumns.from_recipe(recipe.data), head_labels=labels, batch_size=batch_size,

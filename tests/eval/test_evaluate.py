@@ -21,7 +21,7 @@ FAST = {"batch_size": 8, "repeats": 1, "warmup": 0, "new_tokens": 2}
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/eval/conftest.py
 
 
-def _run(tmp_path: Path, assets: dict, task: str, name: str) -> Path:
+def _run(tmp_path: Path, assets: dict, task: str, name: str, validation: str | None = None) -> Path:
     teacher = {"classification": assets["bert-cls"], "causal": assets["gpt2"]}[task]
     text = f"""
 name: {name}
@@ -32,7 +32,7 @@ student:
   init_from_teacher: {{strategy: uniform, num_layers: 2}}
 data:
   train: {{source: {assets['train']}}}
-  validation: {{source: {assets['dev']}}}
+  {validation or f"validation: {{source: {assets['dev']}}}"}
   max_length: 16
 objective:
   - {{kind: forward_kl, temperature: 2.0}}
@@ -194,3 +194,18 @@ def test_cli_pair_mode_refuses_options_that_would_have_no_effect(tiny_assets, tm
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         args.func(args)
     assert not (tmp_path / "report").exists()
+
+
+def test_evaluate_run_scores_the_validation_fraction_distill_held_out(tiny_assets, tmp_path) -> None:
+    """With ``validation_fraction`` (no ``data.labels``), evaluate scores the rows distill held out,
+    with the class names distill trained with."""
+    from kdistill.data import load_rows
+    from kdistill.data.sources import split_positions
+
+    run = _run(tmp_path, tiny_assets, "classification", "fraction", validation="validation_fraction: 0.25")
+    rows = load_rows(str(tiny_assets["train"]))
+    _, held_out = split_positions(len(rows), validation_fraction=0.25, seed=7)
+    saved = evaluate_run(run, **FAST, speed=False)
+    assert saved["data"]["examples"] == len(held_out)
+    assert "validation_fraction 0.25" in saved["data"]["source"]
+    assert 0 <= saved["models"]["student"]["quality"]["accuracy"] <= 1
