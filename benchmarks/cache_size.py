@@ -18,21 +18,27 @@ Teacher: a random-weight Llama-like model with Gemma 3's vocabulary (V = 262,144
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/cache_size.json``).
 
-Measured (V = 262,144, k = 64, batches of 8; "write" includes hashing the weights once, ≈ 0.3 s
-for the toy CPU model, 0.6 s for Gemma 3 270M, 0.4–1.2 s on the GPU; the ratio in brackets
-leaves it out):
+Measured (V = 262,144, k = 64, batches of 8; "write" includes hashing the weights once, ≈ 0.4 s
+for the toy CPU model, 0.6–0.95 s for Gemma 3 270M, 0.4–1.2 s on the GPU; the ratio in brackets
+leaves it out). CPU rows: medians of 3 (toy) or 5 (Gemma, ``--model gemma-3-270m --tokens 2048
+--error-tokens 0 --repeats 5``) alternating rounds, fp32, 2 cores.
 
-| teacher | device | tokens | forward | write_cache | write / forward |
-|---|---|---|---|---|---|
-| hidden 256, 2 layers, fp32, medians of 3 alternating rounds | 2 CPU cores | 4,096 | 6.08 s | 5.57 s | 0.92 (0.87) |
-| the packaged Gemma 3 270M (``--model gemma-3-270m --tokens 2048 --error-tokens 0 --repeats 5``), fp32, medians of 5 alternating rounds | 2 CPU cores | 2,048 | 9.43 s, 8.82 s | 8.79 s, 8.68 s | 0.93, 0.98 (0.87, 0.92); two runs |
-| hidden 256, 2 layers, bf16 | H200 | 262,144 | 0.24 s | 1.85 s + hash | (7.6) |
-| hidden 640, 18 layers, bf16 (Gemma 3 270M-sized) | H200 | 262,144 | 1.45 s | 2.29 s + hash | (1.58) |
+| teacher | device | tokens | writer | forward | write_cache | write / forward |
+|---|---|---|---|---|---|---|
+| hidden 256, 2 layers | 2 CPU cores | 4,096 | in-place softmax | 3.93 s | 5.72 s | 1.46 (1.35) |
+| hidden 256, 2 layers | 2 CPU cores | 4,096 | streamed | 3.56 s, 4.97 s | 4.82 s, 5.98 s | 1.36, 1.20 (1.24, 1.11); two runs |
+| the packaged Gemma 3 270M | 2 CPU cores | 2,048 | in-place softmax | 6.32 s | 7.59 s | 1.20 (1.05) |
+| the packaged Gemma 3 270M | 2 CPU cores | 2,048 | streamed | 5.79 s | 6.56 s | 1.13 (0.99) |
+| hidden 640, 18 layers, bf16 (Gemma 3 270M-sized) | H200 | 262,144 | softmax | 1.45 s | 2.29 s + hash | (1.58) |
+| hidden 256, 2 layers, bf16 | H200 | 262,144 | softmax | 0.24 s | 1.85 s + hash | (7.6) |
 
-The CPU rows are from the version that blocks the head GEMM by 1,024 rows and takes the softmax
-in place; the version before it (two 512-row buffers) gave 1.01 (0.95) for Gemma in a run between
-the two above, and 1.21 for the toy model in an earlier session. The GPU rows are from an earlier
-version (its GPU path is unchanged since: one GEMM, softmax into a second buffer).
+The CPU rows were measured in one session, "in-place softmax" before and "streamed" after the
+writer took top-k and tail mass block by block (``_ShardWriter._top_streamed``). In earlier
+sessions the plain forward was slower on these machines and the in-place softmax measured 0.93
+and 0.98 (0.87, 0.92) for Gemma (forward 9.43 s and 8.82 s) and 0.92 (0.87) for the toy (forward
+6.08 s). The toy's forward is almost all head GEMM, so the exp over every logit that the tail
+mass needs weighs more there than for Gemma. The GPU rows are from an earlier version (its GPU
+path is unchanged since: one GEMM, softmax into a second buffer).
 
 On the GPU the extra time is the fp32 softmax and top-k over V per token, the encoding and the
 transfer of 200 B per token, which the two-layer toy's forward cannot hide; bigger teachers hide

@@ -40,11 +40,12 @@ later equals an uninterrupted one. A directory holding another signal (teacher, 
 k, temperature, … differ) is refused with :class:`~kdistill.errors.ConfigError`.
 
 Cost: one teacher forward per example; the head is applied to valid positions only, in chunks of
-``chunk_rows`` rows written into reused buffers (the head GEMM vocabulary-blocked on a CPU, the
-softmax in place), so no (B × L × V) tensor is built. For the packaged Gemma 3 270M on 2 CPU
-cores, writing took 0.93× and 0.98× the plain forward (``model(**batch).logits``) in two runs,
-0.6 s of it hashing the weights once (medians of 5 alternating rounds; the previous version,
-with two 512-row buffers, 1.01× in a run between them), and 1.6× on an H200 for a
+``chunk_rows`` rows written into reused buffers (the head GEMM vocabulary-blocked on a CPU, and
+with an fp32 head the top-k and tail mass taken block by block while the block is in cache,
+:meth:`_ShardWriter._top_streamed`), so no (B × L × V) tensor is built. For the packaged Gemma 3
+270M on 2 CPU cores, writing took 1.13× the plain forward (``model(**batch).logits``), 0.99×
+without hashing the weights once (0.8 s), where the in-place softmax it replaces took 1.20× and
+1.05× in the same session (medians of 5 alternating rounds), and 1.6× on an H200 for a
 Gemma-3-270M-sized teacher (``benchmarks/cache_size.py``).
 """
 
@@ -71,7 +72,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, DataError, ShapeError
 from kdistill.hashing import sha256_file
-from kdistill.losses.projection import project_into
+from kdistill.losses.projection import head_block, project_into
 from kdistill.losses.response import SparseTargets
 from kdistill.models.heads import lm_head_of
 from kdistill.models.layers import config_layer_count, text_config
@@ -338,6 +339,11 @@ def _unique_counts(draws: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return new.sum(-1).int(), srt.reshape(-1)[flat_new].int(), (ends - starts).int()
 
 
+def _topk_block(vocab: int, k: int) -> int | None:
+    """The block size :func:`_topk` takes its maxima over (None: a plain ``topk``)."""
+    return next((b for b in (256, 128, 64) if vocab % b == 0 and vocab // b >= 4 * k), None)
+
+
 def _topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``z.topk(k, -1)`` for (n, V) rows through block maxima: the k largest values lie in the k
     blocks with the largest maxima (a block holding a top-k value has a maximum ≥ the k-th
@@ -345,7 +351,7 @@ def _topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Same values as ``topk``; among exact ties the ids chosen may differ.
     """
     n, vocab = z.shape
-    block = next((b for b in (256, 128, 64) if vocab % b == 0 and vocab // b >= 4 * k), None)
+    block = _topk_block(vocab, k)
     if block is None:
         return z.topk(k, -1)
     blocks = z.view(n, vocab // block, block)
@@ -420,12 +426,16 @@ class _ShardWriter:
         generators: dict[int, torch.Generator] = {}
         topk_parts, draw_parts = [], []
         for c in range(0, hidden_rows.shape[0], self.chunk_rows):  # everything stays on the device
-            ids, vals, probs = self._top(hidden_rows[c : c + self.chunk_rows])
-            if self.sampled:
-                draw_parts.append(self._draw(probs, example_of_row[c : c + probs.shape[0]], batch, generators))
-            # Tail mass Σ_{outside top-k} p: a sum of positive terms, exact to fp32 precision even
-            # where 1 − Σ_k p would cancel (peaked rows).
-            log_tail = probs.scatter_(-1, ids, 0.0).sum(-1).double().log()
+            hidden = hidden_rows[c : c + self.chunk_rows]
+            if not self.sampled and self._streams(hidden):
+                ids, vals, log_tail = self._top_streamed(hidden)
+            else:
+                ids, vals, probs = self._top(hidden)
+                if self.sampled:
+                    draw_parts.append(self._draw(probs, example_of_row[c : c + probs.shape[0]], batch, generators))
+                # Tail mass Σ_{outside top-k} p: a sum of positive terms, exact to fp32 precision even
+                # where 1 − Σ_k p would cancel (peaked rows).
+                log_tail = probs.scatter_(-1, ids, 0.0).sum(-1).double().log()
             topk_parts.append(encode_topk(ids, vals, self.vocab, log_tail=log_tail, validate=False))
         width = TopKFormat(self.k, self.vocab).bytes_per_token
         packed = torch.cat(topk_parts).cpu() if topk_parts else torch.zeros((0, width), dtype=torch.uint8)
@@ -463,10 +473,7 @@ class _ShardWriter:
             self._probs = None if in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
         z = self._logits[:n]
         project_into(hidden, head.weight, head.bias, z)  # vocabulary-blocked on a CPU
-        if head.scale != 1.0:
-            z.mul_(head.scale)
-        if head.softcap is not None:  # as LMHead.transform: cap · tanh(z / cap)
-            z.div_(head.softcap).tanh_().mul_(head.softcap)
+        self._cap_(z)
         z = z if z.dtype == torch.float32 else z.float()
         if self.temperature != 1.0:
             z.div_(self.temperature)
@@ -474,6 +481,68 @@ class _ShardWriter:
         probs = torch.softmax(z, -1, out=z if in_place else self._probs[:n])
         log_norm = top_z[:, :1] - probs.gather(-1, ids[:, :1]).log()
         return ids, top_z - log_norm, probs
+
+    def _streams(self, hidden: Tensor) -> bool:
+        """Whether :meth:`_top_streamed` serves these rows: a CPU, an fp32 head blocked over the
+        vocabulary (V > 2 blocks) and block maxima for the top-k (see :func:`_topk`)."""
+        weight = self.head.weight
+        return (hidden.device.type == "cpu" and weight.dtype == torch.float32
+                and self.vocab > 2 * head_block(hidden.shape[0]) and _topk_block(self.vocab, self.k) is not None)
+
+    def _top_streamed(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(n, H) → top-k ids (n, k), their log p_T (n, k) and log Σ_{outside top-k} p_T (n,) fp64,
+        with every pass after the head GEMM on a cache-sized block of the vocabulary.
+
+        Per head block (n, b), in cache: the logits z are copied into the (n, V) buffer, and per
+        sub-block β of s entries (s = :func:`_topk` block) M_β = max z and S_β = Σ exp(z − M_β).
+        Then, with m = max_β M_β: log Σ_V exp z = m + log Σ_β S_β e^{M_β − m}; the top-k lie in the
+        k sub-blocks of largest M_β (read back from the buffer), and the tail is
+        Σ_{β not among them} S_β e^{M_β − m} + Σ_{their other entries} e^{z − m}: sums of positive
+        terms only, as in :meth:`_top`. Over the whole (n, V) logits this does one write instead
+        of the softmax's passes (max, exp, normalise, tail sum) through memory.
+        """
+        head, n, vocab, k = self.head, hidden.shape[0], self.vocab, self.k
+        hidden, sub = hidden.float(), _topk_block(vocab, k)
+        if self._logits is None or self._logits.device != hidden.device:
+            self._logits = torch.empty((self.chunk_rows, vocab), dtype=torch.float32, device=hidden.device)
+        z = self._logits[:n]
+        step = head_block(n)
+        block = torch.empty((n, step), dtype=torch.float32)
+        maxima = torch.empty((n, vocab // sub), dtype=torch.float32)
+        sums = torch.empty_like(maxima)
+        for v0 in range(0, vocab, step):
+            v1 = min(v0 + step, vocab)
+            part = block[:, : v1 - v0]
+            if head.bias is None:
+                torch.mm(hidden, head.weight[v0:v1].t(), out=part)
+            else:
+                torch.addmm(head.bias[v0:v1], hidden, head.weight[v0:v1].t(), out=part)
+            self._cap_(part)
+            if self.temperature != 1.0:
+                part.div_(self.temperature)
+            z[:, v0:v1].copy_(part)
+            blocks = part.view(n, -1, sub)
+            block_max = blocks.amax(-1).clamp_(min=torch.finfo(torch.float32).min)  # (n, b / s); all −inf → S_β = 0
+            maxima[:, v0 // sub : v1 // sub] = block_max
+            torch.sum(blocks.sub_(block_max.unsqueeze(-1)).exp_(), -1, out=sums[:, v0 // sub : v1 // sub])
+        m = maxima.amax(-1, keepdim=True)  # (n, 1): the row maximum
+        weighted = sums.mul_(maxima.sub(m).exp_())  # S_β e^{M_β − m}
+        log_total = weighted.sum(-1, keepdim=True).log()  # log Σ_V exp(z − m)
+        _, best = maxima.topk(k, -1)  # (n, k) sub-blocks holding the top-k
+        candidates = z.view(n, -1, sub).gather(1, best.unsqueeze(-1).expand(n, k, sub)).view(n, k * sub)
+        top_z, where = candidates.topk(k, -1)  # sorted, descending
+        ids = best.gather(1, where // sub) * sub + where % sub
+        rest = candidates.sub_(m).exp_().scatter_(-1, where, 0.0).sum(-1)  # the k sub-blocks' other entries
+        tail = weighted.scatter_(-1, best, 0.0).sum(-1) + rest
+        return ids, top_z - m - log_total, tail.double().log() - log_total.squeeze(-1).double()
+
+    def _cap_(self, z: Tensor) -> None:
+        """The head's scale and soft-cap, in place (as ``LMHead.transform``: cap · tanh(scale · z / cap))."""
+        head = self.head
+        if head.scale != 1.0:
+            z.mul_(head.scale)
+        if head.softcap is not None:
+            z.div_(head.softcap).tanh_().mul_(head.softcap)
 
     def _draw(self, probs: Tensor, example_of_row: Tensor, batch: list[_Example], generators: dict) -> Tensor:
         """(n, sampled) ids drawn from ``probs`` (n, V) with replacement, each example's rows

@@ -344,3 +344,68 @@ def test_hand_edited_manifest_of_the_wrong_type_is_named(tmp_path, cache_dir, ed
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=rf"^{bad / 'manifest.json'}: {message}"):
         open_cache(bad)
+
+
+WIDE = 4160  # > 2 head blocks, = 65 sub-blocks of 64: the streamed head path (the last block 64 wide)
+
+
+def _wide_writer(temperature: float, softcap: float | None, scale: float, bias: bool):
+    """A ``_ShardWriter`` over a random (WIDE, 24) head with the given transforms."""
+    from kdistill.losses.chunked import LMHead
+    from kdistill.signals.cache import _ShardWriter
+
+    g = torch.Generator().manual_seed(3)
+    config = LlamaConfig(vocab_size=WIDE, hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    writer = _ShardWriter(LlamaForCausalLM(config).eval(), k=K, temperature=temperature, batch_size=4, sampled=0,
+                          seed=0, hidden_layers=[], pad_id=0, chunk_rows=64, on_batch=lambda n: None)
+    b = torch.randn(WIDE, generator=g) if bias else None
+    if b is not None:
+        b[64:192] = -math.inf  # two whole sub-blocks the head never predicts
+    writer.head = LMHead(torch.randn(WIDE, 24, generator=g), b, scale, softcap)
+    return writer
+
+
+@pytest.mark.parametrize(("temperature", "softcap", "scale", "bias"),
+                         [(1.0, None, 1.0, False), (2.0, None, 0.5, True), (0.7, 5.0, 3.0, False)])
+def test_streamed_head_matches_the_full_softmax(temperature, softcap, scale, bias):
+    """On a CPU with an fp32 head over > 2 blocks, the writer takes top-k and tail mass block by
+    block: same ids, log p and log tail as an fp64 log-softmax over the whole vocabulary, also for
+    peaked rows whose tail is far below fp32's resolution of 1 and for −inf logits."""
+    writer = _wide_writer(temperature, softcap, scale, bias)
+    hidden = torch.randn(40, 24, generator=torch.Generator().manual_seed(4))
+    hidden[:4] *= 8.0  # peaked rows
+    assert writer._streams(hidden)
+    ids, vals, log_tail = writer._top_streamed(hidden)
+    head = writer.head
+    z = hidden.double() @ head.weight.double().t() + (0 if head.bias is None else head.bias.double())
+    z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = (z / temperature).log_softmax(-1)
+    want_vals, want_ids = logp.topk(K, -1)
+    torch.testing.assert_close(vals.double(), want_vals, atol=1e-5, rtol=1e-5)
+    # the ids hold those values (among near-ties at a soft-cap fp32 and fp64 may order them apart)
+    torch.testing.assert_close(logp.gather(-1, ids), want_vals, atol=1e-5, rtol=1e-5)
+    assert all(row.unique().numel() == K for row in ids)
+    want_tail = logp.scatter(-1, want_ids, -math.inf).logsumexp(-1)
+    torch.testing.assert_close(log_tail, want_tail, atol=1e-4, rtol=1e-5)
+    if softcap is None and scale == 1.0:  # tails far below fp32's resolution of 1: no cancellation
+        assert (want_tail[:4] < math.log(1e-8)).all()
+    if bias:
+        assert not ((ids >= 64) & (ids < 192)).any()
+    # the softmax path over the whole (n, V) buffer gives the same
+    old_ids, old_vals, probs = writer._top(hidden)
+    old_tail = probs.scatter_(-1, old_ids, 0.0).sum(-1).double().log()
+    torch.testing.assert_close(old_vals, vals, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(old_tail, log_tail, atol=1e-4, rtol=1e-5)
+
+
+def test_streamed_cache_round_trip(tmp_path, examples):
+    """A cache written by the streamed path decodes to the teacher's top-k, as the softmax path's."""
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=WIDE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    wide = LlamaForCausalLM(config).eval()
+    write_cache(tmp_path / "c", wide, None, examples[:5], k=K, temperature=1.5)
+    _check_against_teacher(tmp_path / "c", wide, examples[:5], K, 1.5, WIDE)
