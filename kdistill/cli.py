@@ -34,6 +34,7 @@ def _cmd_losses(args: argparse.Namespace) -> None:
         table.add_column(column)
     for entry in all_losses():
         table.add_row(entry.kind, entry.family, entry.formula)
+    table.add_row("ce", "hard-label", "−Σ_valid log p_S(y) / n_valid (the data's labels; no teacher)")
     Console().print(table)
 
 

@@ -13,23 +13,41 @@ from kdistill.losses.chunked import (
     chunked_distribution_loss,
     chunked_distribution_losses,
 )
+from kdistill.losses.feature import FeatureProjections, LayerPair, hidden_cosine, hidden_mse
 from kdistill.losses.reduce import mask_from_labels
 from kdistill.losses.registry import LossEntry, all_losses, get_loss, register_loss
-from kdistill.losses.response import SparseTargets, distribution_loss, per_position_divergence
+from kdistill.losses.relation import attention_relation_kl, rkd_angle, rkd_distance, similarity_preserving
+from kdistill.losses.response import (
+    DistributionSpec,
+    SparseTargets,
+    distribution_loss,
+    mixture_logits,
+    per_position_divergence,
+)
 
 __all__ = [
     "ChunkedTerm",
+    "DistributionSpec",
     "EnsembleHiddenTargets",
+    "FeatureProjections",
     "HiddenTargets",
     "LMHead",
+    "LayerPair",
     "LossEntry",
     "SparseTargets",
     "all_losses",
+    "attention_relation_kl",
     "chunked_distribution_loss",
     "chunked_distribution_losses",
     "distribution_loss",
     "get_loss",
+    "hidden_cosine",
+    "hidden_mse",
     "mask_from_labels",
+    "mixture_logits",
     "per_position_divergence",
     "register_loss",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
 ]
