@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="real examples per prompt")
     parser.add_argument("--teacher", default="gemma-3-270m")
     parser.add_argument("--out", default="runs/bench-gptmix")
+    parser.add_argument("--results", default="benchmarks/results/gptmix_sst2.json", help="where the JSON goes")
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
@@ -158,7 +159,7 @@ def main() -> None:
         print(f"{size:9d} {row['real_only_mean']:8.3f} ± {row['real_only_std']:.3f} {row['mix_mean']:8.3f} ± "
               f"{row['mix_std']:.3f} {row['mix_mean'] - row['real_only_mean']:+7.3f} {row['examples_per_s']:6.2f} "
               f"{row['dropped_share']:8.1%}")
-    path = Path("benchmarks/results/gptmix_sst2.json")
+    path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": vars(args), "runs": results, "table": table}, indent=2))
     print(f"wrote {path}")

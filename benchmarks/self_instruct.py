@@ -10,7 +10,7 @@ teacher's loss on the same pairs.
     python benchmarks/self_instruct.py                    # ~20 min on 2 CPU cores (generation ~15 of them)
     python benchmarks/self_instruct.py --instructions 20  # a quick look
 
-Prints a table and writes ``benchmarks/results/self_instruct.json``.
+Prints a table and writes ``benchmarks/results/self_instruct.json`` (``--results``).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--instructions", type=int, default=60, help="target of kept machine instructions")
     parser.add_argument("--steps", type=int, default=150, help="SFT steps")
     parser.add_argument("--out", default="runs/bench-self-instruct")
+    parser.add_argument("--results", default="benchmarks/results/self_instruct.json", help="where the JSON goes")
     args = parser.parse_args()
     if not SEEDS.exists():
         sys.exit(f"skipped: {SEEDS} not found (the benchmark reads the 175 seed tasks from ../shared/data)")
@@ -128,7 +129,7 @@ def main() -> None:
           f"{sft['held_out_examples']} held out: loss {sft['student_loss_before']:.3f} → "
           f"{sft['student_loss_after']:.3f} (perplexity {math.exp(sft['student_loss_after']):.1f}); "
           f"teacher {sft['teacher_loss']:.3f}")
-    path = Path("benchmarks/results/self_instruct.json")
+    path = Path(args.results)
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 

@@ -10,7 +10,7 @@ accuracy, parameters, CPU latency (batch 1) and throughput (batch 32), medians o
     python benchmarks/sst2.py --train-rows 2000 --epochs 1   # a quick look
 
 Targets: KD student ≥ 97% of the teacher's accuracy, ≥ 1.8× its throughput, above the no-KD student.
-Prints a table and writes ``benchmarks/results/sst2.json``.
+Prints a table and writes ``benchmarks/results/sst2.json`` (``--results``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--eval-steps", type=int, default=125)
     parser.add_argument("--out", default="runs/bench-sst2")
+    parser.add_argument("--results", default="benchmarks/results/sst2.json", help="where the JSON goes")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --out")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -115,7 +116,7 @@ def main() -> None:
               f"{r['accuracy_vs_teacher']:10.1%} {r['latency_ms_batch1']:10.2f} {r['throughput_batch32']:9.1f} "
               f"{r['throughput_vs_teacher']:9.2f} {r['train_seconds']:8.0f}")
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    path = Path("benchmarks/results/sst2.json")
+    path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": vars(args), "held_out": len(held_out), "results": results,
                                 "targets": targets, "torch_threads": torch.get_num_threads()}, indent=2))

@@ -103,8 +103,14 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     print(line + ")")
     if summary["final_eval"]:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items()))
+    best = summary.get("best_step")
+    if best is not None and best != summary["steps"]:
+        metric = recipe.training.metric_for_best_model or ("accuracy" if recipe.task == "classification" else "eval_loss")
+        print(f"the student holds the best evaluated weights: step {best}, {metric} {summary['best_metric']:.4f}")
+    processes = summary.get("processes", 1)
     print(f"steps {summary['steps']}" + (" (stopped early)" if summary["stopped_early"] else "")
-          + f", {summary['train_seconds']:.1f} s; metrics in {summary['run_dir']}/metrics.jsonl")
+          + f", {summary['train_seconds']:.1f} s" + (f" in {processes} processes" if processes > 1 else "")
+          + f"; metrics in {summary['run_dir']}/metrics.jsonl")
 
 
 def _cmd_sft(args: argparse.Namespace) -> None:

@@ -89,3 +89,26 @@ def test_usage_mistakes_are_one_line_naming_the_command() -> None:
         result = _run(*args)
         assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_distill_says_which_weights_the_student_holds_and_how_many_processes(tmp_path, monkeypatch, capsys) -> None:
+    """The exported student is the best evaluation's, which the last line of evals need not be."""
+    import kdistill.distill.pipeline as pipeline
+    from kdistill.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: r\ntask: classification\nstudent: {model: bert}\ndata: {train: {source: train.jsonl}}\n"
+                      "objective: [{kind: ce}]\n")
+    summary = {"run_dir": str(tmp_path / "run"), "parameters": {"student": {"total": 1000}},
+               "final_eval": {"accuracy": 0.5}, "best_step": 10, "best_metric": 0.55, "steps": 20,
+               "stopped_early": False, "train_seconds": 3.0, "processes": 2}
+    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: summary)
+    assert main(["distill", str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "final eval: accuracy 0.5000" in out
+    assert "the student holds the best evaluated weights: step 10, accuracy 0.5500" in out
+    assert "steps 20, 3.0 s in 2 processes;" in out
+    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: {**summary, "best_step": 20, "processes": 1})
+    assert main(["distill", str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "best evaluated" not in out and "steps 20, 3.0 s;" in out

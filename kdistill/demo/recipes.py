@@ -80,7 +80,7 @@ def build_tiny_teacher(path: Path, report: Callable[[str], None]) -> Path:
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<unk>", "<eos>"],
+    core.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=1000, show_progress=False, special_tokens=["<pad>", "<unk>", "<eos>"],
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
     torch.manual_seed(0)

@@ -91,7 +91,7 @@ _SIGNAL_FIELDS = (
     "k", "temperature", "vocab_size", "sampled", "seed", "hidden_layers", "encoding",
 )
 _FIELD_NAMES = {
-    "teacher_name": "teacher", "teacher_sha256": "teacher weights", "tokenizer_sha256": "tokenizer",
+    "teacher_name": "teacher", "teacher_sha256": "hash of the teacher's weights", "tokenizer_sha256": "tokenizer",
     "chat_template_sha256": "chat template", "data_sha256": "data", "vocab_size": "vocabulary size",
     "sampled": "number of sampled targets", "hidden_layers": "cached hidden layers",
 }

@@ -215,7 +215,7 @@ def test_manifest_mismatch_names_the_field(cache_dir, teacher, tokenizer, exampl
     with pytest.raises(ConfigError, match="'colour' is not a cache manifest field"):
         open_cache(cache_dir, expect={"colour": 1})
     other = LlamaForCausalLM(teacher.config)
-    with pytest.raises(ConfigError, match="teacher weights differs from this run's"):
+    with pytest.raises(ConfigError, match="hash of the teacher's weights differs from this run's"):
         write_cache(cache_dir, other, tokenizer, examples, k=K, temperature=2.0, shard_size=5, hidden_layers=[0, -1])
 
 
