@@ -370,7 +370,7 @@ def _wide_writer(temperature: float, softcap: float | None, scale: float, bias: 
                          [(1.0, None, 1.0, False), (2.0, None, 0.5, True), (0.7, 5.0, 3.0, False)])
 def test_streamed_head_matches_the_full_softmax(temperature, softcap, scale, bias):
     """On a CPU with an fp32 head over > 2 blocks, the writer takes top-k and tail mass block by
-    block: same ids, log p and log tail as an fp64 log-softmax over the whole vocabulary, also for
+    block: the same top-k, log p and log tail as an fp64 log-softmax over the whole vocabulary, also for
     peaked rows whose tail is far below fp32's resolution of 1 and for −inf logits."""
     writer = _wide_writer(temperature, softcap, scale, bias)
     hidden = torch.randn(40, 24, generator=torch.Generator().manual_seed(4))
