@@ -18,6 +18,8 @@ On other devices: one GEMM.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -48,13 +50,28 @@ def project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
     in ``out.dtype`` (inputs cast to it, a block of the weight at a time)."""
     vocab, dtype = weight.shape[0], out.dtype
     hidden = hidden.to(dtype)
-    step = head_block(hidden.shape[0], out.element_size())
-    if out.device.type != "cpu" or vocab <= 2 * step:
+    if out.device.type != "cpu" or not is_blocked(hidden.shape[0], vocab, out.element_size()):
         weight = weight.to(dtype)
         if bias is None:
             return torch.mm(hidden, weight.t(), out=out)
         return torch.addmm(bias.to(dtype), hidden, weight.t(), out=out)
-    block = torch.empty((hidden.shape[0], step), dtype=dtype, device=out.device)
+    for v0, v1, part in head_blocks(hidden, weight, bias):
+        out[:, v0:v1].copy_(part)
+    return out
+
+
+def is_blocked(rows: int, vocab: int, itemsize: int = 4) -> bool:
+    """Whether a CPU head over ``vocab`` rows is computed in :func:`head_blocks` (more than two blocks)."""
+    return vocab > 2 * head_block(rows, itemsize)
+
+
+def head_blocks(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Iterator[tuple[int, int, Tensor]]:
+    """``(v0, v1, hidden · weight[v0:v1]ᵀ + bias[v0:v1])`` for consecutive :func:`head_block`-wide
+    blocks of the vocabulary, each (n, v1 − v0) in ``hidden.dtype`` and written into one reused
+    buffer (valid until the next block)."""
+    vocab, dtype = weight.shape[0], hidden.dtype
+    step = head_block(hidden.shape[0], hidden.element_size())
+    block = torch.empty((hidden.shape[0], step), dtype=dtype, device=hidden.device)
     for v0 in range(0, vocab, step):
         v1 = min(v0 + step, vocab)
         part, rows = block[:, : v1 - v0], weight[v0:v1].to(dtype)
@@ -62,5 +79,4 @@ def project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
             torch.mm(hidden, rows.t(), out=part)
         else:
             torch.addmm(bias[v0:v1].to(dtype), hidden, rows.t(), out=part)
-        out[:, v0:v1].copy_(part)
-    return out
+        yield v0, v1, part

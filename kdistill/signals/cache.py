@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, DataError, ShapeError
 from kdistill.hashing import sha256_file
-from kdistill.losses.projection import head_block, project_into
+from kdistill.losses.projection import head_blocks, is_blocked, project_into
 from kdistill.losses.response import SparseTargets
 from kdistill.models.heads import lm_head_of
 from kdistill.models.layers import config_layer_count, text_config
@@ -487,7 +487,7 @@ class _ShardWriter:
         vocabulary (V > 2 blocks) and block maxima for the top-k (see :func:`_topk`)."""
         weight = self.head.weight
         return (hidden.device.type == "cpu" and weight.dtype == torch.float32
-                and self.vocab > 2 * head_block(hidden.shape[0]) and _topk_block(self.vocab, self.k) is not None)
+                and is_blocked(hidden.shape[0], self.vocab) and _topk_block(self.vocab, self.k) is not None)
 
     def _top_streamed(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(n, H) → top-k ids (n, k), their log p_T (n, k) and log Σ_{outside top-k} p_T (n,) fp64,
@@ -506,17 +506,9 @@ class _ShardWriter:
         if self._logits is None or self._logits.device != hidden.device:
             self._logits = torch.empty((self.chunk_rows, vocab), dtype=torch.float32, device=hidden.device)
         z = self._logits[:n]
-        step = head_block(n)
-        block = torch.empty((n, step), dtype=torch.float32)
         maxima = torch.empty((n, vocab // sub), dtype=torch.float32)
         sums = torch.empty_like(maxima)
-        for v0 in range(0, vocab, step):
-            v1 = min(v0 + step, vocab)
-            part = block[:, : v1 - v0]
-            if head.bias is None:
-                torch.mm(hidden, head.weight[v0:v1].t(), out=part)
-            else:
-                torch.addmm(head.bias[v0:v1], hidden, head.weight[v0:v1].t(), out=part)
+        for v0, v1, part in head_blocks(hidden, head.weight, head.bias):
             self._cap_(part)
             if self.temperature != 1.0:
                 part.div_(self.temperature)
