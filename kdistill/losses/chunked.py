@@ -76,6 +76,14 @@ class LMHead:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
+    def transform_(self, z: Tensor) -> Tensor:
+        """:meth:`transform` in place on ``z`` (no autograd), the same operations in the same order."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
     def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
         """(N, H) -> (N, V) logits; the product written into ``out`` if given (see ``project``)."""
         return self.transform(self.project(hidden, out=out))

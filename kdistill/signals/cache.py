@@ -473,7 +473,7 @@ class _ShardWriter:
             self._probs = None if in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
         z = self._logits[:n]
         project_into(hidden, head.weight, head.bias, z)  # vocabulary-blocked on a CPU
-        self._cap_(z)
+        head.transform_(z)
         z = z if z.dtype == torch.float32 else z.float()
         if self.temperature != 1.0:
             z.div_(self.temperature)
@@ -509,7 +509,7 @@ class _ShardWriter:
         maxima = torch.empty((n, vocab // sub), dtype=torch.float32)
         sums = torch.empty_like(maxima)
         for v0, v1, part in head_blocks(hidden, head.weight, head.bias):
-            self._cap_(part)
+            head.transform_(part)
             if self.temperature != 1.0:
                 part.div_(self.temperature)
             z[:, v0:v1].copy_(part)
@@ -527,14 +527,6 @@ class _ShardWriter:
         rest = candidates.sub_(m).exp_().scatter_(-1, where, 0.0).sum(-1)  # the k sub-blocks' other entries
         tail = weighted.scatter_(-1, best, 0.0).sum(-1) + rest
         return ids, top_z - m - log_total, tail.double().log() - log_total.squeeze(-1).double()
-
-    def _cap_(self, z: Tensor) -> None:
-        """The head's scale and soft-cap, in place (as ``LMHead.transform``: cap · tanh(scale · z / cap))."""
-        head = self.head
-        if head.scale != 1.0:
-            z.mul_(head.scale)
-        if head.softcap is not None:
-            z.div_(head.softcap).tanh_().mul_(head.softcap)
 
     def _draw(self, probs: Tensor, example_of_row: Tensor, batch: list[_Example], generators: dict) -> Tensor:
         """(n, sampled) ids drawn from ``probs`` (n, V) with replacement, each example's rows

@@ -176,3 +176,12 @@ def test_fused_terms_equal_the_weighted_sum_of_separate_losses(chunk_size: int) 
         fused_eval, parts_eval = chunked_distribution_losses(hidden, head, terms, mask, chunk_size=chunk_size)
     assert fused_eval.item() == pytest.approx(fused.item(), rel=1e-5)
     assert [p.item() for p in parts_eval] == pytest.approx([p.item() for p in parts], rel=1e-5)
+
+
+@pytest.mark.parametrize(("scale", "softcap"), [(1.0, None), (0.5, None), (1.0, 5.0), (3.0, 2.0)])
+def test_in_place_transform_equals_transform(scale, softcap):
+    head = LMHead(torch.randn(8, 4), scale=scale, softcap=softcap)
+    z = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)) * 20
+    expected = head.transform(z)
+    out = z.clone()
+    assert head.transform_(out) is out and torch.equal(out, expected)
