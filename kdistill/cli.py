@@ -105,7 +105,9 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_eval"].items()))
     best = summary.get("best_step")
     if best is not None and best != summary["steps"]:
-        metric = recipe.training.metric_for_best_model or ("accuracy" if recipe.task == "classification" else "eval_loss")
+        from kdistill.distill.trainer import best_metric_name
+
+        metric = best_metric_name(recipe.training, recipe.task)
         print(f"the student holds the best evaluated weights: step {best}, {metric} {summary['best_metric']:.4f}")
     processes = summary.get("processes", 1)
     print(f"steps {summary['steps']}" + (" (stopped early)" if summary["stopped_early"] else "")

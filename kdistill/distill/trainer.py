@@ -82,6 +82,12 @@ class TrainResult:
     train_seconds: float
 
 
+def best_metric_name(training, task: str) -> str:
+    """The evaluation metric that picks the exported weights: ``training.metric_for_best_model``,
+    else accuracy (classification) or eval_loss."""
+    return training.metric_for_best_model or ("accuracy" if task == "classification" else "eval_loss")
+
+
 def make_accelerator(bf16: bool) -> Accelerator:
     """An Accelerator for this run (CPU when no GPU; bf16 autocast if asked).
 
@@ -208,7 +214,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     acc.wait_for_everyone()
 
     metrics_log = MetricsLog(metrics_path, acc.is_main_process)
-    metric = cfg.metric_for_best_model or ("accuracy" if job.task == "classification" else "eval_loss")
+    metric = best_metric_name(cfg, job.task)
     final_eval: dict = {}
     stopped_early = False
     bar = _Progress(total_steps, state.step, enabled=progress and acc.is_main_process)
