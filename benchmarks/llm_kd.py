@@ -13,7 +13,12 @@ for kdistill), AdamW at a constant learning rate, gradients clipped at 1.0.
                                          first, as a user runs it; time reported apart)
     (c) plain SFT of the student        (cross-entropy, no teacher)
     (d) TRL's GKDTrainer, off-policy (lmbda = 0, beta = 0: forward KL), TRL's defaults otherwise
-        except fp32 on CPU as for (a)–(c)
+        except fp32 on CPU as for (a)–(c) (TRL's default is bf16 mixed precision: ``--bf16``)
+
+``--bf16`` trains the student under bf16 mixed precision in all four cases (kdistill's
+``training.bf16``, TRL's ``bf16``, which is TRL's own default; autocast on a CPU, bf16 GEMMs on
+AMX where the CPU has it); give it with ``--teacher-dtype bfloat16`` so that the teacher's weights
+are stored in bf16 too rather than cast at every forward.
 
 ``--gradient-checkpointing`` turns on activation recomputation for the student in all four cases
 (kdistill's ``training.gradient_checkpointing``, TRL's ``gradient_checkpointing``; both
@@ -47,6 +52,7 @@ precision, and the least memory it could peak at.
     python benchmarks/llm_kd.py                                 # both vocabularies (50–60 min, 2 CPU cores)
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
     python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
+    python benchmarks/llm_kd.py --vocab trimmed --trim-heap --bf16 --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16.json
     python benchmarks/llm_kd.py --vocab trimmed --gradient-checkpointing --results benchmarks/results/llm_kd-checkpointing.json
     python benchmarks/llm_kd.py --vocab trimmed --trim-heap --results benchmarks/results/llm_kd-trim-heap.json
     python benchmarks/llm_kd.py --vocab full --results benchmarks/results/llm_kd-full.json   # ~30 min
@@ -140,6 +146,7 @@ objective: {objective}
   max_grad_norm: 1.0
   gradient_checkpointing: {str(args.gradient_checkpointing).lower()}
   trim_heap: {str(args.trim_heap).lower()}
+  bf16: {str(args.bf16).lower()}
   logging_steps: 1
   seed: 0
 """
@@ -222,7 +229,8 @@ def _floors(case: str, job, args, out: Path, import_rss: int) -> dict:
     cfg = job.student.config
     q_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     shapes = gemm_shapes(cfg.hidden_size, (cfg.intermediate_size, q_width, cfg.vocab_size), args.batch * args.max_length)
-    dtypes = (torch.float32,) if args.teacher_dtype == "float32" else (torch.float32, torch.bfloat16)
+    bf16 = args.bf16 or args.teacher_dtype == "bfloat16"
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     rate = max(gemm_rate(shapes, dtype) for dtype in dtypes)
     return {"step_flops": flops, "gemm_flops_per_s": rate,
             "import_rss_bytes": import_rss, "state_bytes": state, "floor_rss_bytes": import_rss + state}
@@ -268,7 +276,7 @@ def _train_trl(job, args, out: Path, steps: int) -> list[float]:
     config = GKDConfig(output_dir=str(out / "trl_gkd"), lmbda=0.0, beta=0.0, temperature=1.0,
                        per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=steps,
                        lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
-                       save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                       save_strategy="no", report_to=[], use_cpu=True, bf16=args.bf16,
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_kwargs={"use_reentrant": False},
                        seed=0, dataloader_num_workers=0, remove_unused_columns=False,
@@ -388,6 +396,9 @@ def main() -> None:
     parser.add_argument("--trim-heap", action="store_true",
                         help="kdistill's training.trim_heap in (a)–(c): freed heap pages go back within each step "
                              "(TRL has no such setting)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 mixed precision for the student in every case (kdistill's training.bf16, TRL's bf16, "
+                             "its default); fp32 otherwise")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ShapeError
 from kdistill.losses.closed_form import closed_form_chunk, has_closed_form
-from kdistill.losses.projection import matmul_dtype, project_into
+from kdistill.losses.projection import logits_dtype, matmul_dtype, project_into
 from kdistill.losses.reduce import check_mask, select_valid
 from kdistill.losses.response import (
     DistributionSpec,
@@ -59,13 +59,14 @@ class LMHead:
         return self.weight.shape[0]
 
     def project(self, hidden: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
-                out: Tensor | None = None) -> Tensor:
+                out: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """(N, H) -> (N, V) pre-transform logits ``z = h Wᵀ + b``, optionally with stand-in tensors;
-        into ``out`` if given (no autograd; vocabulary-blocked on a CPU, see ``project_into``)."""
+        into ``out`` if given (no autograd; the GEMM in ``dtype``, default ``out.dtype``;
+        vocabulary-blocked on a CPU, see ``project_into``)."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
         if out is not None:
-            return project_into(hidden, weight, bias, out)
+            return project_into(hidden, weight, bias, out, dtype)
         return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
     def transform(self, z: Tensor) -> Tensor:
@@ -84,9 +85,9 @@ class LMHead:
             z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
-    def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+    def logits(self, hidden: Tensor, out: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """(N, H) -> (N, V) logits; the product written into ``out`` if given (see ``project``)."""
-        return self.transform(self.project(hidden, out=out))
+        return self.transform(self.project(hidden, out=out, dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,14 @@ def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int, tempera
     if isinstance(teacher, HiddenTargets):
         hidden = select_valid(teacher.hidden, mask, lead_ndim)
         head = teacher.head
+        dtype = matmul_dtype(hidden, head.weight)  # the GEMM's, fixed here: rows may run with autocast off
 
         def rows(a: int, b: int, workspace: Workspace | None = None, name: str = "teacher") -> Tensor:
-            out = None if workspace is None else workspace.get(
-                name, b - a, head.vocab, matmul_dtype(hidden, head.weight), head.weight.device)
+            shape = (b - a, head.vocab)
+            out = (torch.empty(shape, dtype=logits_dtype(dtype), device=head.weight.device) if workspace is None
+                   else workspace.get(name, *shape, logits_dtype(dtype), head.weight.device))
             with torch.no_grad():
-                return head.logits(hidden[a:b], out=out)
+                return head.logits(hidden[a:b], out=out, dtype=dtype)
 
         return rows
     logits = select_valid(teacher, mask, lead_ndim)
@@ -181,44 +184,52 @@ class _ChunkedLoss(torch.autograd.Function):
         # Per chunk: z = h Wᵀ + b, g = ∂loss/∂z (in closed form where every term has one, see
         # kdistill.losses.closed_form; else autograd through transform + divergences only), then
         # ∂h = g W, ∂W += gᵀ h (accumulated inside the GEMM: no extra pass over W), ∂b += Σ g.
+        # GEMMs in the matmul dtype (autocast's under mixed precision: bf16 GEMMs), every
+        # element-wise step (softmaxes, the divergences, the gradient of z) on fp32 logits with
+        # autocast off, so none of them rounds to bf16.
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        h_all, w = hidden.detach(), weight.detach()
+        mm = matmul_dtype(hidden, weight)
+        h_all, w = hidden.detach().to(mm), weight.detach().to(mm)  # cast once, not per chunk
         b = None if bias is None else bias.detach()
-        grad_h = torch.zeros_like(h_all) if need_h else None
+        grad_h = torch.zeros(h_all.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         # ∂W is written by the first chunk's GEMM (no zero pass over V × H) unless there is none
         new_grad_w = torch.empty if h_all.shape[0] else torch.zeros
         grad_w = new_grad_w(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         sums = torch.zeros(len(parts), dtype=torch.float32, device=hidden.device)
         workspace = Workspace()
-        for a in range(0, h_all.shape[0], chunk_size):
-            stop = min(a + chunk_size, h_all.shape[0])
-            h = h_all[a:stop]
-            z_buffer = workspace.get("z", stop - a, w.shape[0], matmul_dtype(h, w), w.device)
-            z = head.project(h, w, b, out=z_buffer)  # (c, V)
-            closed = closed_form_chunk(z, head, parts, a, stop, workspace) if fast else None
-            if closed is not None:
-                chunk_sums, g = closed
-            else:  # z again: the closed form may have overwritten its buffer
-                z = head.project(h, w, b, out=z_buffer).detach().requires_grad_(True)
-                with torch.enable_grad():
-                    logits = head.transform(z)
-                    terms = [block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts]
-                    loss = sum(p.coef * t for p, t in zip(parts, terms))
-                (g,) = torch.autograd.grad(loss, z)
-                chunk_sums = torch.stack([t.detach() for t in terms])
-                del loss, logits, terms
-            if need_h:
-                grad_h[a:stop] = g @ w
-            if need_w:
-                if a == 0:
-                    torch.mm(g.t().float(), h.float(), out=grad_w)
-                else:
-                    grad_w.addmm_(g.t().float(), h.float())
-            if need_b:
-                grad_b += g.sum(0).float()
-            sums += chunk_sums
-            del z, g
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, h_all.shape[0], chunk_size):
+                stop = min(a + chunk_size, h_all.shape[0])
+                h = h_all[a:stop]
+                z_buffer = workspace.get("z", stop - a, w.shape[0], logits_dtype(mm), w.device)
+                z = head.project(h, w, b, out=z_buffer, dtype=mm)  # (c, V)
+                closed = closed_form_chunk(z, head, parts, a, stop, workspace) if fast else None
+                if closed is not None:
+                    chunk_sums, g = closed
+                else:  # z again: the closed form may have overwritten its buffer
+                    z = head.project(h, w, b, out=z_buffer, dtype=mm).detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        logits = head.transform(z)
+                        terms = [block_loss_sum(logits, p.rows(a, stop), p.spec, p.vocab) for p in parts]
+                        loss = sum(p.coef * t for p, t in zip(parts, terms))
+                    (g,) = torch.autograd.grad(loss, z)
+                    chunk_sums = torch.stack([t.detach() for t in terms])
+                    del loss, logits, terms
+                if need_b:
+                    grad_b += g.sum(0)
+                g = g.to(mm)
+                if need_h:
+                    grad_h[a:stop] = g @ w
+                if need_w:
+                    if mm != torch.float32:  # the GEMM in mm, accumulated in fp32
+                        grad_w.add_(g.t() @ h) if a else grad_w.copy_(g.t() @ h)
+                    elif a == 0:
+                        torch.mm(g.t(), h, out=grad_w)
+                    else:
+                        grad_w.addmm_(g.t(), h)
+                sums += chunk_sums
+                del z, g
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(sums)

@@ -45,16 +45,26 @@ def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+def logits_dtype(matmul: torch.dtype) -> torch.dtype:
+    """The dtype logits are kept in for element-wise work: at least fp32 (bf16/fp16 GEMMs write fp32)."""
+    return torch.promote_types(matmul, torch.float32)
+
+
+def project_into(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor,
+                 dtype: torch.dtype | None = None) -> Tensor:
     """Write ``hidden · weightᵀ + bias`` into ``out`` (n, V) and return it (no autograd); computed
-    in ``out.dtype`` (inputs cast to it, a block of the weight at a time)."""
-    vocab, dtype = weight.shape[0], out.dtype
+    in ``dtype`` (default ``out.dtype``; inputs cast to it, a block of the weight at a time) and
+    stored in ``out.dtype`` (e.g. bf16 GEMMs, fp32 logits)."""
+    vocab, dtype = weight.shape[0], dtype or out.dtype
     hidden = hidden.to(dtype)
-    if out.device.type != "cpu" or not is_blocked(hidden.shape[0], vocab, out.element_size()):
+    if out.device.type != "cpu" or not is_blocked(hidden.shape[0], vocab, hidden.element_size()):
         weight = weight.to(dtype)
+        target = out if out.dtype == dtype else None
         if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias.to(dtype), hidden, weight.t(), out=out)
+            product = torch.mm(hidden, weight.t(), out=target)
+        else:
+            product = torch.addmm(bias.to(dtype), hidden, weight.t(), out=target)
+        return out if target is not None else out.copy_(product)
     for v0, v1, part in head_blocks(hidden, weight, bias):
         out[:, v0:v1].copy_(part)
     return out

@@ -185,3 +185,27 @@ def test_in_place_transform_equals_transform(scale, softcap):
     expected = head.transform(z)
     out = z.clone()
     assert head.transform_(out) is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("vocab", [50, 5000])  # one GEMM; vocabulary-blocked GEMM
+def test_under_autocast_only_the_gemms_are_bf16(vocab: int) -> None:
+    """Under bf16 autocast the head GEMMs run in bf16 and every element-wise step in fp32: the
+    value equals the fp32 loss of the bf16 GEMMs' logits (to fp32 rounding), the gradients that
+    loss's gradients (to bf16 rounding of ∂z and the GEMMs)."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 6, 16, generator=g, requires_grad=True)
+    head = LMHead(torch.randn(vocab, 16, generator=g).requires_grad_(True))
+    t_hidden, t_head = torch.randn(2, 6, 16, generator=g), LMHead(torch.randn(vocab, 16, generator=g))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_distribution_loss(hidden, head, HiddenTargets(t_hidden, t_head), chunk_size=5)
+    grads = _grads(loss, head, hidden)
+    assert loss.dtype == torch.float32 and all(x.dtype == torch.float32 for x in grads)
+
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(True), head.weight.detach().bfloat16().requires_grad_(True)
+    logits = (h16 @ w16.t()).float()  # the bf16 GEMM's output, then fp32
+    teacher = (t_hidden.bfloat16() @ t_head.weight.bfloat16().t()).float()
+    ref = distribution_loss(logits, teacher)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    ref_grads = torch.autograd.grad(ref, (h16, w16))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max().item())

@@ -38,3 +38,18 @@ def test_blocked_head_projection_with_many_rows_equals_one_gemm() -> None:
     out = torch.full((rows, vocab), math.nan)
     project_into(hidden, weight, None, out)
     torch.testing.assert_close(out, hidden @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [50, 2 * HEAD_BLOCK_CPU + 904])  # one GEMM; vocabulary-blocked
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_gemm_into_fp32_logits(vocab: int, bias: bool) -> None:
+    """dtype=bf16 with an fp32 ``out``: the bf16 GEMM's own result, stored in fp32 (no fp32 GEMM)."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(5, 12, generator=g), torch.randn(vocab, 12, generator=g)
+    b = torch.randn(vocab, generator=g) if bias else None
+    out = torch.full((5, vocab), math.nan)
+    assert project_into(hidden, weight, b, out, dtype=torch.bfloat16) is out
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()
+    expected = (h16 @ w16.t() if b is None else torch.addmm(b.bfloat16(), h16, w16.t())).float()
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert not torch.equal(out, project_into(hidden, weight, b, torch.empty(5, vocab)))  # fp32 GEMM differs
