@@ -20,6 +20,10 @@ for kdistill), AdamW at a constant learning rate, gradients clipped at 1.0.
 AMX where the CPU has it); give it with ``--teacher-dtype bfloat16`` so that the teacher's weights
 are stored in bf16 too rather than cast at every forward.
 
+Importing kdistill bounds oneDNN's per-shape caches (``kdistill.onednn``: bf16 GEMMs otherwise add
+resident memory with every new batch shape); TRL's process keeps the sizes the benchmark was
+started with (the libraries' default of 1,024 entries unless set), as a TRL user gets them.
+
 ``--gradient-checkpointing`` turns on activation recomputation for the student in all four cases
 (kdistill's ``training.gradient_checkpointing``, TRL's ``gradient_checkpointing``; both
 non-reentrant). ``--trim-heap`` turns on kdistill's ``training.trim_heap`` in (a)–(c) (freed heap
@@ -69,6 +73,7 @@ import argparse
 import importlib.util
 import json
 import multiprocessing as mp
+import os
 import random
 import shutil
 import statistics
@@ -79,6 +84,7 @@ from pathlib import Path
 from floors import count_flops, gemm_rate, gemm_shapes, training_state_bytes
 from packing import pack_sentences
 
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # kdistill.onednn's
 DATA = Path("../shared/data/sst2/sentences-train.txt")
 CASES = ("kdistill_live", "kdistill_cache", "sft", "trl_gkd")
 TEACHER = "gemma-3-270m"
@@ -162,6 +168,8 @@ def _teacher_id_examples(examples: list[dict], plan) -> list[dict]:
 
 
 def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, queue) -> None:
+    if case == "trl_gkd":  # before this process's first bf16 GEMM, when the caches read them
+        os.environ.update(args.trl_onednn_env)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -408,6 +416,9 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
     if "trl_gkd" in args.cases.split(",") and importlib.util.find_spec("trl") is None:
         sys.exit("case trl_gkd needs TRL: pip install -e '.[bench]' (or leave it out with --cases)")
+    # TRL's process runs with oneDNN's cache sizes as the benchmark was started (the libraries'
+    # default, 1,024, unless set), not the bound importing kdistill sets (kdistill.onednn)
+    args.trl_onednn_env = {name: os.environ.get(name, "1024") for name in ONEDNN_CACHE_VARIABLES}
     out = Path(args.out)
     train, held = _write_data(out, args.train, args.held_out, args.max_length)
     ctx = mp.get_context("spawn")

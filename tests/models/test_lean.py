@@ -130,14 +130,52 @@ def test_hooked_activation_is_still_captured() -> None:
     assert out["model.layers.1.mlp.down_proj"].shape == (B, L, H)
 
 
-def test_autocast_bf16_and_no_grad_run_the_modules_own_forward() -> None:
+def _saved_bytes(model: nn.Module, run) -> int:
+    """Bytes of the tensors autograd saves during ``run()`` (parameters not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("make", [_gemma, _llama])
+def test_under_bf16_autocast_lean_is_exact_and_keeps_less(make) -> None:
+    """Under autocast the lean modules run too: the same logits bit for bit, the same gradients
+    (to fp32 summation order), fewer saved bytes."""
+    model = make()
+    reference = copy.deepcopy(model)
+    assert enable_lean_activations(model) > 0
+    results = {}
+    for name, m in (("lean", model), ("eager", reference)):
+        m.zero_grad(set_to_none=True)
+
+        def run(m=m, name=name) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = m(input_ids=_ids(), use_cache=False).logits
+            results[name] = logits.detach()
+            logits.float().square().mean().backward()
+
+        results[name + "_saved"] = _saved_bytes(m, run)
+        results[name + "_grads"] = {n: p.grad for n, p in m.named_parameters()}
+    assert torch.equal(results["lean"], results["eager"])
+    assert results["lean_saved"] < results["eager_saved"]
+    for name, grad in results["eager_grads"].items():
+        torch.testing.assert_close(results["lean_grads"][name], grad, rtol=1e-5,
+                                   atol=1e-6 * grad.abs().max().item(), msg=name)
+
+
+def test_no_grad_runs_the_modules_own_forward() -> None:
     model = _gemma()
     reference = copy.deepcopy(model)
     enable_lean_activations(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        lean = model(input_ids=_ids(), use_cache=False).logits
-        plain = reference(input_ids=_ids(), use_cache=False).logits
-    assert torch.equal(lean, plain)
     with torch.no_grad():
         assert torch.equal(model(input_ids=_ids()).logits, reference(input_ids=_ids()).logits)
 
