@@ -221,13 +221,17 @@ class _ChunkedLoss(torch.autograd.Function):
                 g = g.to(mm)
                 if need_h:
                     grad_h[a:stop] = g @ w
-                if need_w:
-                    if mm != torch.float32:  # the GEMM in mm, accumulated in fp32
-                        grad_w.add_(g.t() @ h) if a else grad_w.copy_(g.t() @ h)
-                    elif a == 0:
+                if need_w and mm == torch.float32:
+                    if a == 0:
                         torch.mm(g.t(), h, out=grad_w)
                     else:
                         grad_w.addmm_(g.t(), h)
+                elif need_w:  # the GEMM in mm, accumulated in fp32
+                    part = g.t() @ h  # (V, H)
+                    if a == 0:
+                        grad_w.copy_(part)
+                    else:
+                        grad_w.add_(part)
                 sums += chunk_sums
                 del z, g
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
