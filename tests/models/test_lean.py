@@ -65,8 +65,9 @@ def _assert_as_accurate(grads: dict[str, torch.Tensor], eager: dict[str, torch.T
         assert lean_error <= 4 * eager_error + 1e-6 * truth.abs().max(), (name, lean_error, eager_error)
 
 
-def _saved_activation_bytes(model: nn.Module) -> int:
-    """Bytes autograd keeps for backward in one forward, parameters not counted (one count per storage)."""
+def _saved_activation_bytes(model: nn.Module, run=None) -> int:
+    """Bytes autograd keeps for backward in ``run()`` (default: one forward), parameters not
+    counted (one count per storage)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -77,7 +78,10 @@ def _saved_activation_bytes(model: nn.Module) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=_ids(), use_cache=False)
+        if run is None:
+            model(input_ids=_ids(), use_cache=False)
+        else:
+            run()
     return sum(seen.values())
 
 
@@ -130,22 +134,6 @@ def test_hooked_activation_is_still_captured() -> None:
     assert out["model.layers.1.mlp.down_proj"].shape == (B, L, H)
 
 
-def _saved_bytes(model: nn.Module, run) -> int:
-    """Bytes of the tensors autograd saves during ``run()`` (parameters not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("make", [_gemma, _llama])
 def test_under_bf16_autocast_lean_is_exact_and_keeps_less(make) -> None:
     """Under autocast the lean modules run too: the same logits bit for bit, the same gradients
@@ -163,7 +151,7 @@ def test_under_bf16_autocast_lean_is_exact_and_keeps_less(make) -> None:
             results[name] = logits.detach()
             logits.float().square().mean().backward()
 
-        results[name + "_saved"] = _saved_bytes(m, run)
+        results[name + "_saved"] = _saved_activation_bytes(m, run)
         results[name + "_grads"] = {n: p.grad for n, p in m.named_parameters()}
     assert torch.equal(results["lean"], results["eager"])
     assert results["lean_saved"] < results["eager_saved"]
