@@ -131,11 +131,12 @@ def _teacher_rows(teacher: Teacher, mask: Tensor | None, lead_ndim: int, tempera
         hidden = select_valid(teacher.hidden, mask, lead_ndim)
         head = teacher.head
         dtype = matmul_dtype(hidden, head.weight)  # the GEMM's, fixed here: rows may run with autocast off
+        out_dtype = logits_dtype(dtype)
 
         def rows(a: int, b: int, workspace: Workspace | None = None, name: str = "teacher") -> Tensor:
             shape = (b - a, head.vocab)
-            out = (torch.empty(shape, dtype=logits_dtype(dtype), device=head.weight.device) if workspace is None
-                   else workspace.get(name, *shape, logits_dtype(dtype), head.weight.device))
+            out = (torch.empty(shape, dtype=out_dtype, device=head.weight.device) if workspace is None
+                   else workspace.get(name, *shape, out_dtype, head.weight.device))
             with torch.no_grad():
                 return head.logits(hidden[a:b], out=out, dtype=dtype)
 
