@@ -84,7 +84,6 @@ from pathlib import Path
 from floors import count_flops, gemm_rate, gemm_shapes, training_state_bytes
 from packing import pack_sentences
 
-ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # kdistill.onednn's
 DATA = Path("../shared/data/sst2/sentences-train.txt")
 CASES = ("kdistill_live", "kdistill_cache", "sft", "trl_gkd")
 TEACHER = "gemma-3-270m"
@@ -416,11 +415,14 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
     if "trl_gkd" in args.cases.split(",") and importlib.util.find_spec("trl") is None:
         sys.exit("case trl_gkd needs TRL: pip install -e '.[bench]' (or leave it out with --cases)")
-    # TRL's process runs with oneDNN's cache sizes as the benchmark was started (the libraries'
-    # default, 1,024, unless set), not the bound importing kdistill sets (kdistill.onednn)
-    args.trl_onednn_env = {name: os.environ.get(name, "1024") for name in ONEDNN_CACHE_VARIABLES}
+    started_env = dict(os.environ)  # before kdistill is imported (it bounds oneDNN's caches)
     out = Path(args.out)
     train, held = _write_data(out, args.train, args.held_out, args.max_length)
+    from kdistill.onednn import CACHE_VARIABLES
+
+    # TRL's process runs with oneDNN's cache sizes as the benchmark was started (the libraries'
+    # default, 1,024, unless set), not the bound importing kdistill sets
+    args.trl_onednn_env = {name: started_env.get(name, "1024") for name in CACHE_VARIABLES}
     ctx = mp.get_context("spawn")
     results = {}
     for vocab in ("trimmed", "full") if args.vocab == "both" else (args.vocab,):
