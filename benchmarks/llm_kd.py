@@ -24,6 +24,9 @@ Importing kdistill bounds oneDNN's per-shape caches (``kdistill.onednn``: bf16 G
 resident memory with every new batch shape); TRL's process keeps the sizes the benchmark was
 started with (the libraries' default of 1,024 entries unless set), as a TRL user gets them.
 
+``--compile`` runs the student through ``torch.compile`` in all four cases (kdistill's
+``training.compile``, TRL's ``torch_compile``; TRL's accelerator compiles its teacher too).
+
 ``--gradient-checkpointing`` turns on activation recomputation for the student in all four cases
 (kdistill's ``training.gradient_checkpointing``, TRL's ``gradient_checkpointing``; both
 non-reentrant). ``--trim-heap`` turns on kdistill's ``training.trim_heap`` in (a)–(c) (freed heap
@@ -57,6 +60,7 @@ precision, and the least memory it could peak at.
     python benchmarks/llm_kd.py --vocab trimmed --steps 10      # a quick look
     python benchmarks/llm_kd.py --vocab trimmed --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16-teacher.json
     python benchmarks/llm_kd.py --vocab trimmed --trim-heap --bf16 --teacher-dtype bfloat16 --results benchmarks/results/llm_kd-bf16.json
+    python benchmarks/llm_kd.py --vocab trimmed --bf16 --teacher-dtype bfloat16 --compile --results benchmarks/results/llm_kd-bf16-compile.json
     python benchmarks/llm_kd.py --vocab trimmed --gradient-checkpointing --results benchmarks/results/llm_kd-checkpointing.json
     python benchmarks/llm_kd.py --vocab trimmed --trim-heap --results benchmarks/results/llm_kd-trim-heap.json
     python benchmarks/llm_kd.py --vocab full --results benchmarks/results/llm_kd-full.json   # ~30 min
@@ -152,6 +156,7 @@ objective: {objective}
   gradient_checkpointing: {str(args.gradient_checkpointing).lower()}
   trim_heap: {str(args.trim_heap).lower()}
   bf16: {str(args.bf16).lower()}
+  compile: {str(args.compile).lower()}
   logging_steps: 1
   seed: 0
 """
@@ -283,7 +288,7 @@ def _train_trl(job, args, out: Path, steps: int) -> list[float]:
     config = GKDConfig(output_dir=str(out / "trl_gkd"), lmbda=0.0, beta=0.0, temperature=1.0,
                        per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=steps,
                        lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
-                       save_strategy="no", report_to=[], use_cpu=True, bf16=args.bf16,
+                       save_strategy="no", report_to=[], use_cpu=True, bf16=args.bf16, torch_compile=args.compile,
                        gradient_checkpointing=args.gradient_checkpointing,
                        gradient_checkpointing_kwargs={"use_reentrant": False},
                        seed=0, dataloader_num_workers=0, remove_unused_columns=False,
@@ -403,6 +408,8 @@ def main() -> None:
     parser.add_argument("--trim-heap", action="store_true",
                         help="kdistill's training.trim_heap in (a)–(c): freed heap pages go back within each step "
                              "(TRL has no such setting)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the student in every case (kdistill's training.compile, TRL's torch_compile)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision for the student in every case (kdistill's training.bf16, TRL's bf16, "
                              "its default); fp32 otherwise")

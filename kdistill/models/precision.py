@@ -30,9 +30,10 @@ def set_inference_precision(model: nn.Module, precision: Precision | None) -> nn
 
     The body is ``model.base_model`` (the model itself when it has no head); its Linear (and
     GPT-2 Conv1D) weights become bf16 except any that is the output head's or an embedding's
-    (tied or not). Forward hooks run the body under ``torch.autocast(<device of its weights>,
-    dtype=torch.bfloat16)`` and hand its bf16 outputs (e.g. BERT's pooler output) on as fp32, so
-    the heads outside the body take them as they are.
+    (tied or not). The body's forward runs under ``torch.autocast(<device of its weights>,
+    dtype=torch.bfloat16)`` (its class becomes a subclass that adds this) and hands its bf16
+    outputs (e.g. BERT's pooler output) on as fp32, so the heads outside the body take them as
+    they are.
     """
     if precision in (None, "float32"):
         return model
@@ -45,25 +46,41 @@ def set_inference_precision(model: nn.Module, precision: Precision | None) -> nn
     for module in body.modules():
         if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) not in keep:
             module.to(torch.bfloat16)
-    if getattr(body, "_kdistill_autocast", None) is None:
-        body._kdistill_autocast = []  # the open autocast contexts of (possibly nested) calls
-        body.register_forward_pre_hook(_enter_autocast)
-        body.register_forward_hook(_exit_autocast, always_call=True)  # also when the forward raises
+    if not isinstance(body, _Bf16Autocast):
+        cls = type(body)
+        if cls not in _BF16_CLASSES:  # one subclass per original class: no per-module closure, no cycle
+            _BF16_CLASSES[cls] = type(f"Bf16{cls.__name__}", (_Bf16Autocast, cls), {})
+        body.__class__ = _BF16_CLASSES[cls]
+        _register_outputs(body)
     return model
 
 
-# Hooks, not a wrapped ``forward``: they take the module as an argument (no reference cycle; a deep
-# copy of the model gets its own hooks' state), and ``always_call`` closes the context on errors.
-def _enter_autocast(module: nn.Module, args: tuple) -> None:
-    device = next(module.parameters()).device.type
-    context = torch.autocast(device, dtype=torch.bfloat16)
-    context.__enter__()
-    module._kdistill_autocast.append(context)
+def _register_outputs(body: nn.Module) -> None:
+    """Give the swapped class the outputs (hidden states, attentions) its original class records.
+
+    transformers 5 keys what a model may record on the name of its class, registered at init."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers that does not key it on the class
+        return
+    if getattr(body, "_can_record_outputs", None) is not None:
+        _CAN_RECORD_REGISTRY[body] = body._can_record_outputs
 
 
-def _exit_autocast(module: nn.Module, args: tuple, output: object) -> object:
-    module._kdistill_autocast.pop().__exit__(None, None, None)
-    return _as_fp32(output)
+# A subclass swapped in, not hooks that open and close an autocast context: a ``with`` in
+# ``forward`` is what ``torch.compile`` traces (another trainer may compile the teacher), the
+# context closes when the forward raises, and a deep copy of the model keeps the behaviour.
+_BF16_CLASSES: dict[type, type] = {}
+
+
+class _Bf16Autocast:
+    """Mixin: the module's forward under bf16 autocast on its weights' device; bf16 outputs as fp32."""
+
+    def forward(self, *args, **kwargs):
+        device = next(self.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            output = super().forward(*args, **kwargs)
+        return _as_fp32(output)
 
 
 def _as_fp32(value: object) -> object:

@@ -115,3 +115,16 @@ def test_bf16_classifier_teacher_hands_fp32_to_its_head(tiny_assets) -> None:
     assert out.logits.dtype == torch.float32 and {h.dtype for h in out.hidden_states} == {torch.float32}
     # the logits of a tiny random model are ~1e-2: compare to their scale (measured: 0.4% of it)
     assert (out.logits - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_bf16_teacher_runs_under_torch_compile() -> None:
+    """Another trainer may compile the teacher (TRL's ``torch_compile`` compiles every prepared model):
+    the bf16 body's autocast is part of its forward, which dynamo traces, not hooks it cannot."""
+    model = set_inference_precision(_tiny_gemma(), "bfloat16")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager")(ids).logits
+    assert compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
+    assert not torch.is_autocast_enabled("cpu")

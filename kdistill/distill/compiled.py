@@ -1,0 +1,37 @@
+"""``training.compile``: run the student's forward through ``torch.compile``.
+
+The compiled module is the one :func:`kdistill.models.outputs.forward_outputs` calls: a causal
+LM's body (``base_model``: the loss makes the logits chunk by chunk from its output), any other
+model whole. Compiled in place (``nn.Module.compile``), so parameters, state dict and DDP wrapping
+are unchanged; :func:`uncompile` restores the eager forward before evaluation and export, which
+would otherwise compile again for their own batch shapes and grad mode.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+
+def compiled_target(model: nn.Module, task: str) -> nn.Module:
+    """The module whose forward the trainer runs: ``model.base_model`` for a causal LM, else ``model``."""
+    return model.base_model if task == "causal" else model
+
+
+def compile_student(model: nn.Module, task: str) -> nn.Module:
+    """Compile the student's forward in place; returns the compiled module."""
+    target = compiled_target(model, task)
+    target.compile()
+    return target
+
+
+def uncompile(module: nn.Module) -> None:
+    """Undo :meth:`nn.Module.compile`: calls run the module's eager forward again."""
+    module._compiled_call_impl = None
+
+
+def eager_forward(compiled: nn.Module | None) -> AbstractContextManager:
+    """A context in which compiled code runs eagerly (a no-op when nothing was compiled)."""
+    return nullcontext() if compiled is None else torch.compiler.set_stance("force_eager")
