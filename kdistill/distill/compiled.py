@@ -1,10 +1,11 @@
-"""``training.compile``: run the student's forward through ``torch.compile``.
+"""``training.compile``: run the student's and the live teachers' forwards through ``torch.compile``.
 
-The compiled module is the one :func:`kdistill.models.outputs.forward_outputs` calls: a causal
-LM's body (``base_model``: the loss makes the logits chunk by chunk from its output), any other
-model whole. Compiled in place (``nn.Module.compile``), so parameters, state dict and DDP wrapping
-are unchanged; :func:`uncompile` restores the eager forward before evaluation and export, which
-would otherwise compile again for their own batch shapes and grad mode.
+The compiled module of each model is the one :func:`kdistill.models.outputs.forward_outputs`
+calls: a causal LM's body (``base_model``: the loss makes the logits chunk by chunk from its
+output), any other model whole. Compiled in place (``nn.Module.compile``), so parameters, state
+dict and DDP wrapping are unchanged. Evaluation runs eager (:func:`eager_forward`: its batch
+shapes and grad mode would compile again), and :func:`uncompile` restores the eager forward
+before export.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def compiled_target(model: nn.Module, task: str) -> nn.Module:
     return model.base_model if task == "causal" else model
 
 
-def compile_student(model: nn.Module, task: str) -> nn.Module:
-    """Compile the student's forward in place; returns the compiled module."""
+def compile_forward(model: nn.Module, task: str) -> nn.Module:
+    """Compile ``model``'s forward as the trainer runs it, in place; returns the compiled module."""
     target = compiled_target(model, task)
     target.compile()
     return target
@@ -32,6 +33,6 @@ def uncompile(module: nn.Module) -> None:
     module._compiled_call_impl = None
 
 
-def eager_forward(compiled: nn.Module | None) -> AbstractContextManager:
+def eager_forward(compiled: bool) -> AbstractContextManager:
     """A context in which compiled code runs eagerly (a no-op when nothing was compiled)."""
-    return nullcontext() if compiled is None else torch.compiler.set_stance("force_eager")
+    return torch.compiler.set_stance("force_eager") if compiled else nullcontext()

@@ -55,8 +55,8 @@ class HeapTrims:
 
     Points: the end of each model body's forward (the student's, then each live teacher's: the loss
     comes next), and in backward each time the gradient of a student layer's output arrives (before
-    that layer's backward makes its gradients); with ``in_student=False`` (a compiled student) the
-    teachers' ends only. The trainer adds the start of each step (:meth:`trim`). The computation is unchanged (same losses and weights, bit for bit).
+    that layer's backward makes its gradients); with ``hooks=False`` (compiled models) none of
+    these. The trainer adds the start of each step (:meth:`trim`). The computation is unchanged (same losses and weights, bit for bit).
 
     Measured on the trimmed Gemma student of ``benchmarks/llm_kd.py`` (2 cores, 60 steps,
     ``--trim-heap``; ``benchmarks/results/llm_kd-trim-heap.json``), two runs on different days:
@@ -65,17 +65,18 @@ class HeapTrims:
     +0.35–0.36 s a step, 20% from the cache (1.81 → 2.17 s), 10% with the live teacher (3.76 → 4.22 s).
     """
 
-    def __init__(self, student: nn.Module, teachers: Iterable[nn.Module] = (), *, in_student: bool = True) -> None:
+    def __init__(self, student: nn.Module, teachers: Iterable[nn.Module] = (), *, hooks: bool = True) -> None:
         self.count = 0
+        self._handles = []
+        if not hooks:  # compiled models: a hook inside one would split its graph
+            return
         # the body (``base_model``): what kdistill runs for a causal LM, and inside any model's forward
-        bodies = [getattr(m, "base_model", m) for m in ((student,) if in_student else ()) + tuple(teachers)]
+        bodies = [getattr(m, "base_model", m) for m in (student, *teachers)]
         self._handles = [body.register_forward_hook(self._after_forward) for body in bodies]
         try:
             _, layers = find_layer_stack(student)
         except KdistillError:
             layers = nn.ModuleList()  # no layer stack: the forward ends and step starts only
-        if not in_student:  # a compiled student: a hook inside it would split its graph
-            layers = nn.ModuleList()
         self._handles += [layer.register_forward_hook(self._on_layer_output) for layer in layers]
 
     def trim(self) -> None:

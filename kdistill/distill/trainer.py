@@ -35,7 +35,7 @@ from kdistill.distill.checkpoint import (
     save_best,
     save_checkpoint,
 )
-from kdistill.distill.compiled import compile_student, eager_forward, uncompile
+from kdistill.distill.compiled import compile_forward, eager_forward, uncompile
 from kdistill.distill.distiller import (
     MODEL_INPUTS,
     Distiller,
@@ -179,9 +179,10 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
         enable_gradient_checkpointing(job.student)
     if cfg.lean_activations:
         log.info("lean activations in %d student modules", enable_lean_activations(job.student))
-    compiled = compile_student(job.student, job.task) if cfg.compile else None
     teachers = job.teachers.to(device) if job.teachers is not None else None
-    trims = (HeapTrims(job.student, getattr(teachers, "models", ()), in_student=compiled is None)
+    compiled = ([compile_forward(model, job.task) for model in (job.student, *getattr(teachers, "models", ()))]
+                if cfg.compile else [])
+    trims = (HeapTrims(job.student, getattr(teachers, "models", ()), hooks=not compiled)
              if cfg.trim_heap and device.type == "cpu" else None)
     distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
     probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))
@@ -273,7 +274,7 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
         bar.update(state.step, step_values)
 
         if job.eval_examples and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == total_steps):
-            with eager_forward(compiled):  # its own shapes and grad mode would compile again
+            with eager_forward(bool(compiled)):  # its own shapes and grad mode would compile again
                 final_eval = evaluate(student.model, job.task, job.eval_examples, job.collator,
                                       cfg.per_device_eval_batch_size, device, cfg.seed, job.vocab_size)
             metrics_log.write({"step": state.step, **final_eval})
@@ -301,8 +302,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
             break
     bar.close()
     metrics_log.close()
-    if compiled is not None:
-        uncompile(compiled)
+    for module in compiled:
+        uncompile(module)
     if trims is not None:
         trims.remove()
 

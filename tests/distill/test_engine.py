@@ -395,19 +395,19 @@ def test_trim_heap_trains_the_same_student_and_removes_its_hooks(tmp_path, tiny_
 
 
 def test_compile_trains_the_same_student_and_leaves_an_eager_model(tmp_path, tiny_assets, monkeypatch) -> None:
-    """``training.compile`` runs the student's body through torch.compile (fused kernels): the same
-    losses and weights as eager up to float reassociation, evaluation eager, and the model
-    uncompiled afterwards."""
+    """``training.compile`` runs the student's and the live teacher's bodies through torch.compile
+    (fused kernels): the same losses and weights as eager up to float reassociation, evaluation
+    eager, and the models uncompiled afterwards."""
     from torch._dynamo.utils import counters
 
     compiled = []
-    compile_student = trainer_module.compile_student
+    compile_forward = trainer_module.compile_forward
 
     def recording_compile(model, task):
-        compiled.append(compile_student(model, task))
+        compiled.append(compile_forward(model, task))
         return compiled[-1]
 
-    monkeypatch.setattr(trainer_module, "compile_student", recording_compile)
+    monkeypatch.setattr(trainer_module, "compile_forward", recording_compile)
     runs = {}
     for name, flag in (("eager", "false"), ("compiled", "true")):
         torch._dynamo.reset()
@@ -419,8 +419,9 @@ def test_compile_trains_the_same_student_and_leaves_an_eager_model(tmp_path, tin
         runs[name] = [r["loss"] for r in records if "loss" in r]
         graphs = counters["stats"]["unique_graphs"]
         assert (graphs > 0) == (flag == "true"), graphs
-    (body,) = compiled  # the compiled run only: the causal LM's body
-    assert body is not None and body._compiled_call_impl is None
+    student_body, teacher_body = compiled  # the compiled run only: the causal LMs' bodies
+    assert student_body is not teacher_body
+    assert all(body._compiled_call_impl is None for body in compiled)
     assert len(runs["eager"]) == 3 and runs["eager"] == pytest.approx(runs["compiled"], rel=1e-4)
     eager, fused = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
     assert eager.keys() == fused.keys()

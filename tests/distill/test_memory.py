@@ -79,14 +79,15 @@ def test_heap_trims_without_a_layer_stack_trim_after_the_forward_only() -> None:
     assert trims.count == 2
 
 
-def test_heap_trims_outside_a_compiled_student_hook_the_teachers_only() -> None:
-    """``in_student=False`` (``training.compile``): no hook inside the student, which would split its graph."""
+def test_heap_trims_without_hooks_for_compiled_models() -> None:
+    """``hooks=False`` (``training.compile``): no hook inside a model, where it would split the graph."""
     student, teacher = _tiny_llama(3), _tiny_llama(2)
-    trims = HeapTrims(student, [teacher], in_student=False)
+    trims = HeapTrims(student, [teacher], hooks=False)
     ids = torch.randint(0, 64, (2, 5))
     student.base_model(input_ids=ids).last_hidden_state.pow(2).sum().backward()
-    assert trims.count == 0
     with torch.no_grad():
         teacher.base_model(input_ids=ids)
+    assert trims.count == 0
+    assert not any(m._forward_hooks for model in (student, teacher) for m in model.modules())
+    trims.trim()  # the step's start
     assert trims.count == 1
-    assert not any(m._forward_hooks for m in student.modules())
