@@ -266,7 +266,7 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool = False  # recompute the student's layer activations in backward: less memory, more compute
     lean_activations: bool = True  # RMSNorms and gated MLPs keep only what backward needs (same forward; kdistill.models.lean)
     trim_heap: bool = False  # CPU: give freed heap pages back within each step: lower peak RSS, slower (kdistill.distill.memory)
-    compile: bool = False  # torch.compile the student's forward (kdistill.distill.compiled): fused kernels, a one-off compile
+    compile: bool = False  # torch.compile the student's and live teachers' forwards (kdistill.distill.compiled)
     seed: int = 42
 
 
