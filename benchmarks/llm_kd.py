@@ -24,8 +24,9 @@ Importing kdistill bounds oneDNN's per-shape caches (``kdistill.onednn``: bf16 G
 resident memory with every new batch shape); TRL's process keeps the sizes the benchmark was
 started with (the libraries' default of 1,024 entries unless set), as a TRL user gets them.
 
-``--compile`` runs the student through ``torch.compile`` in all four cases (kdistill's
-``training.compile``, TRL's ``torch_compile``; TRL's accelerator compiles its teacher too).
+``--compile`` runs the student, and the live teacher where there is one, through ``torch.compile``
+in all four cases (kdistill's ``training.compile``; TRL's ``torch_compile``, whose accelerator
+compiles the teacher too). ``benchmarks/compile_gain.py`` measures the gain paired within one run.
 
 ``--gradient-checkpointing`` turns on activation recomputation for the student in all four cases
 (kdistill's ``training.gradient_checkpointing``, TRL's ``gradient_checkpointing``; both
@@ -409,7 +410,8 @@ def main() -> None:
                         help="kdistill's training.trim_heap in (a)–(c): freed heap pages go back within each step "
                              "(TRL has no such setting)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the student in every case (kdistill's training.compile, TRL's torch_compile)")
+                        help="torch.compile the student and the live teacher in every case (kdistill's training.compile, "
+                             "TRL's torch_compile)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision for the student in every case (kdistill's training.bf16, TRL's bf16, "
                              "its default); fp32 otherwise")

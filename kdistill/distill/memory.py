@@ -56,7 +56,8 @@ class HeapTrims:
     Points: the end of each model body's forward (the student's, then each live teacher's: the loss
     comes next), and in backward each time the gradient of a student layer's output arrives (before
     that layer's backward makes its gradients); with ``hooks=False`` (compiled models) none of
-    these. The trainer adds the start of each step (:meth:`trim`). The computation is unchanged (same losses and weights, bit for bit).
+    these. The trainer adds the start of each step (:meth:`trim`). The computation is unchanged
+    (same losses and weights, bit for bit).
 
     Measured on the trimmed Gemma student of ``benchmarks/llm_kd.py`` (2 cores, 60 steps,
     ``--trim-heap``; ``benchmarks/results/llm_kd-trim-heap.json``), two runs on different days:

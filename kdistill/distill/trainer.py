@@ -186,7 +186,8 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
              if cfg.trim_heap and device.type == "cpu" else None)
     distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
     probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))
-    distiller.build_projections({k: v.to(device) for k, v in probe.items()})
+    with eager_forward(bool(compiled)):  # a no-grad probe: not worth a compile of its own
+        distiller.build_projections({k: v.to(device) for k, v in probe.items()})
     no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
