@@ -263,6 +263,14 @@ def write_cache_apart(recipe, threads: int) -> float:
     return seconds.get()
 
 
+def write_trimmed_cache(args, out: Path, train: Path, held: Path) -> None:
+    """The trimmed-vocabulary cache case's top-64 cache for ``args`` (a process of its own; skipped when complete)."""
+    from kdistill.recipe import parse_recipe
+
+    recipe = parse_recipe(_recipe_text("kdistill_cache", "trimmed", out, train, held, args))
+    write_cache_apart(recipe, args.threads)
+
+
 def _write_cache(recipe, threads: int, seconds) -> None:
     import torch
 
