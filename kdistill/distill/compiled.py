@@ -1,7 +1,7 @@
 """``training.compile``: run the student's and the live teachers' forwards through ``torch.compile``.
 
 The compiled module of each model is the one :func:`kdistill.models.outputs.forward_outputs`
-calls: a causal LM's body (``base_model``: the loss makes the logits chunk by chunk from its
+calls (:func:`~kdistill.models.outputs.forward_module`): a causal LM's body (``base_model``: the loss makes the logits chunk by chunk from its
 output), any other model whole. Compiled in place (``nn.Module.compile``), so parameters, state
 dict and DDP wrapping are unchanged. Evaluation runs eager (:func:`eager_forward`: its batch
 shapes and grad mode would compile again), and :func:`uncompile` restores the eager forward
@@ -15,15 +15,12 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-
-def compiled_target(model: nn.Module, task: str) -> nn.Module:
-    """The module whose forward the trainer runs: ``model.base_model`` for a causal LM, else ``model``."""
-    return model.base_model if task == "causal" else model
+from kdistill.models.outputs import forward_module
 
 
 def compile_forward(model: nn.Module, task: str) -> nn.Module:
     """Compile ``model``'s forward as the trainer runs it, in place; returns the compiled module."""
-    target = compiled_target(model, task)
+    target = forward_module(model, task)
     target.compile()
     return target
 

@@ -180,9 +180,9 @@ def train(job: TrainJob, *, resume: bool = False, accelerator: Accelerator | Non
     if cfg.lean_activations:
         log.info("lean activations in %d student modules", enable_lean_activations(job.student))
     teachers = job.teachers.to(device) if job.teachers is not None else None
-    compiled = ([compile_forward(model, job.task) for model in (job.student, *getattr(teachers, "models", ()))]
-                if cfg.compile else [])
-    trims = (HeapTrims(job.student, getattr(teachers, "models", ()), hooks=not compiled)
+    teacher_models = getattr(teachers, "models", ())  # live teachers' models; none from a cache
+    compiled = [compile_forward(model, job.task) for model in (job.student, *teacher_models)] if cfg.compile else []
+    trims = (HeapTrims(job.student, teacher_models, hooks=not compiled)
              if cfg.trim_heap and device.type == "cpu" else None)
     distiller = Distiller(student, teachers, job.terms, job.task, job.vocab_size)
     probe = job.collator(job.train_examples[:per_device], generator=_mask_generator(cfg.seed, 0, 0, rank))

@@ -7,6 +7,11 @@ from torch import Tensor, nn
 from kdistill.models.hooks import capture_outputs
 
 
+def forward_module(model: nn.Module, task: str) -> nn.Module:
+    """The module :func:`forward_outputs` runs: ``model.base_model`` for a causal LM, else ``model``."""
+    return model.base_model if task == "causal" else model
+
+
 def forward_outputs(
     model: nn.Module, task: str, inputs: dict[str, Tensor], hidden_states: bool, modules: list[str]
 ) -> dict:
@@ -18,12 +23,13 @@ def forward_outputs(
     (module path → output, for the hooked ``modules``).
     """
     with capture_outputs(model, modules) as captured:
+        module = forward_module(model, task)
         if task == "causal":
             # no KV cache: nothing is generated, and a cache would keep every layer's K and V alive
-            out = model.base_model(**inputs, output_hidden_states=hidden_states, use_cache=False)
+            out = module(**inputs, output_hidden_states=hidden_states, use_cache=False)
             result = {"logits": None, "final_hidden": out.last_hidden_state}
         else:
-            out = model(**inputs, output_hidden_states=hidden_states)
+            out = module(**inputs, output_hidden_states=hidden_states)
             result = {"logits": out.logits, "final_hidden": None}
     result["hidden_states"] = tuple(out.hidden_states or ()) if hidden_states else ()
     result["captured"] = dict(captured)

@@ -6,7 +6,8 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from kdistill.distill.compiled import compile_forward, compiled_target, eager_forward, uncompile
+from kdistill.distill.compiled import compile_forward, eager_forward, uncompile
+from kdistill.models.outputs import forward_module
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -17,10 +18,10 @@ def _tiny_llama() -> LlamaForCausalLM:
 
 def test_the_target_is_a_causal_lms_body_and_any_other_model_whole() -> None:
     llama = _tiny_llama()
-    assert compiled_target(llama, "causal") is llama.model
+    assert forward_module(llama, "causal") is llama.model
     bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                                     num_attention_heads=2, intermediate_size=32))
-    assert compiled_target(bert, "classification") is bert
+    assert forward_module(bert, "classification") is bert
 
 
 def test_eager_forward_compiles_nothing_and_uncompile_restores_the_eager_call() -> None:
