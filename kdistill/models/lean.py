@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_LEAN_CLASSES: dict[type, type] = {}  # original class -> its lean subclass
+from kdistill.models.subclass import swap_in
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -156,13 +156,6 @@ def _is_gated_mlp(module: nn.Module) -> bool:
             and callable(getattr(module, "act_fn", None)))
 
 
-def _swap_class(module: nn.Module, mixin: type) -> None:
-    cls = type(module)
-    if cls not in _LEAN_CLASSES:  # one subclass per original class: no per-module closure, no cycle
-        _LEAN_CLASSES[cls] = type(f"Lean{cls.__name__}", (mixin, cls), {"_kdistill_original": cls})
-    module.__class__ = _LEAN_CLASSES[cls]
-
-
 @torch.no_grad()
 def _probe(module: nn.Module, width: int) -> Tensor:
     weight = next(module.parameters())
@@ -192,14 +185,14 @@ def enable_lean_activations(model: nn.Module) -> int:
             offset = next((o for o in (0.0, 1.0) if torch.equal(_lean_output(module, x, o), expected)), None)
             if offset is not None:
                 module._kdistill_lean_offset = offset
-                _swap_class(module, _LeanRMSNorm)
+                swap_in(module, _LeanRMSNorm, "Lean")
                 changed += 1
         elif _is_gated_mlp(module):
             x = _probe(module, module.gate_proj.in_features)
             with torch.no_grad():
                 expected = module.forward(x)  # its own forward, without any hooks
             if torch.equal(_lean_output(module, x), expected):
-                _swap_class(module, _LeanGatedMLP)
+                swap_in(module, _LeanGatedMLP, "Lean")
                 changed += 1
     return changed
 
@@ -207,6 +200,5 @@ def enable_lean_activations(model: nn.Module) -> int:
 def disable_lean_activations(model: nn.Module) -> None:
     """Give every module :func:`enable_lean_activations` changed its own class back."""
     for module in model.modules():
-        original = getattr(type(module), "_kdistill_original", None)
-        if original is not None:
-            module.__class__ = original
+        if isinstance(module, (_LeanRMSNorm, _LeanGatedMLP)):  # not another swap (a bf16 teacher's body)
+            module.__class__ = type(module)._kdistill_original

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from kdistill.errors import ModelError
+from kdistill.models.subclass import swap_in
 
 Precision = Literal["float32", "bfloat16"]
 
@@ -47,10 +48,7 @@ def set_inference_precision(model: nn.Module, precision: Precision | None) -> nn
         if isinstance(module, (nn.Linear, Conv1D)) and id(module.weight) not in keep:
             module.to(torch.bfloat16)
     if not isinstance(body, _Bf16Autocast):
-        cls = type(body)
-        if cls not in _BF16_CLASSES:  # one subclass per original class: no per-module closure, no cycle
-            _BF16_CLASSES[cls] = type(f"Bf16{cls.__name__}", (_Bf16Autocast, cls), {})
-        body.__class__ = _BF16_CLASSES[cls]
+        swap_in(body, _Bf16Autocast, "Bf16")
         _register_outputs(body)
     return model
 
@@ -70,7 +68,6 @@ def _register_outputs(body: nn.Module) -> None:
 # A subclass swapped in, not hooks that open and close an autocast context: a ``with`` in
 # ``forward`` is what ``torch.compile`` traces (another trainer may compile the teacher), the
 # context closes when the forward raises, and a deep copy of the model keeps the behaviour.
-_BF16_CLASSES: dict[type, type] = {}
 
 
 class _Bf16Autocast:
