@@ -1,0 +1,250 @@
+"""Benchmark: where a training step's memory peaks, phase by phase (one case of ``llm_kd.py``).
+
+Trains one kdistill case of ``benchmarks/llm_kd.py`` (the same recipe, data and options) while a
+thread samples, every millisecond, the process's resident memory (RSS) and, with glibc, what
+malloc has handed out and not taken back ("in use"). Each sample is labelled with the phase of
+the step running then:
+
+    setup            before the first step (the trainer preparing the models, compiling them)
+    collate          the step's start: trimming (``--trim-heap``) and collating the batch
+    student forward  the student's forward pass (it runs first)
+    teacher forward  the live teacher's forward, or reading the cache's rows
+    loss             the loss terms; the chunked response loss makes its gradients here
+    backward         autograd's backward pass
+    optimizer        gradient clipping, the optimizer step, zeroing the gradients
+
+Printed: each phase's peak RSS and peak in-use memory, and the make-up of the run's highest RSS:
+malloc's heap (in use and free), its mmapped chunks, the rest of the anonymous memory (Python's
+object arenas, thread stacks, ...) and file-backed pages (the libraries), next to the floor of
+``llm_kd.py`` (the process after its imports, plus the weights, gradients and Adam moments).
+RSS above "in use" is memory the C library keeps after it was freed; in use above the floor is
+what the step itself holds (activations, the loss's buffers, gradients).
+
+    python benchmarks/memory_phases.py --bf16 --teacher-dtype bfloat16 --compile   # live teacher, ~3 min
+    python benchmarks/memory_phases.py --case kdistill_cache --bf16 --teacher-dtype bfloat16 --compile
+
+Writes ``benchmarks/results/memory_phases.json`` (``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PHASES = ("setup", "collate", "student forward", "teacher forward", "loss", "backward", "optimizer")
+CASES = ("kdistill_live", "kdistill_cache", "sft")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's ``mallinfo2`` (all arenas), or None where the C library has none."""
+    try:
+        function = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def _status_bytes(*fields: str) -> dict[str, int]:
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name = line.split(":")[0]
+        if name in fields:
+            found[name] = int(line.split()[1]) * 1024
+    return found
+
+
+class PhaseMemory:
+    """A thread that samples RSS (and malloc's in-use bytes) every ``interval`` s, per ``phase``.
+
+    ``peaks[phase] = {"rss": bytes, "in_use": bytes or None}``; ``at_peak``: the phase and the
+    make-up of the highest RSS sampled (heap in use and free, mmapped chunks, other anonymous and
+    file-backed pages). Linux only (``/proc/self``). Use as a context manager.
+    """
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.phase = "setup"
+        self.peaks: dict[str, dict] = {}
+        self.at_peak: dict = {}
+        self._mallinfo = _mallinfo2()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="phase-memory", daemon=True)
+
+    def __enter__(self) -> PhaseMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        """One sample, attributed to the current phase."""
+        phase = self.phase
+        with open("/proc/self/statm") as statm:
+            rss = int(statm.read().split()[1]) * _PAGE
+        info = self._mallinfo() if self._mallinfo is not None else None
+        in_use = None if info is None else info.uordblks + info.hblkhd
+        peak = self.peaks.setdefault(phase, {"rss": 0, "in_use": None})
+        peak["rss"] = max(peak["rss"], rss)
+        if in_use is not None:
+            peak["in_use"] = max(peak["in_use"] or 0, in_use)
+        if rss > self.at_peak.get("rss", 0):
+            status = _status_bytes("RssAnon", "RssFile")
+            self.at_peak = {"phase": phase, "rss": rss, "rss_file": status.get("RssFile"),
+                            "rss_anon": status.get("RssAnon")}
+            if info is not None:
+                heap = info.arena  # main and thread arenas: malloc'd (sbrk/arena) memory, used or free
+                self.at_peak.update(heap_in_use=info.uordblks, heap_free=info.fordblks, mmapped=info.hblkhd,
+                                    other_anon=status.get("RssAnon", 0) - heap - info.hblkhd)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+
+@contextmanager
+def phase_labels(memory: PhaseMemory, job) -> Iterator:
+    """Label ``memory.phase`` from the trainer's own calls while ``train(job)`` runs; yields the
+    job to train (its collator wrapped). Every patched function is restored on exit.
+
+    Marks: the collator (step start), ``Distiller.__call__`` (student forward, its first act),
+    the teachers' ``__call__`` (teacher forward; loss after it returns), the chunked loss,
+    ``Accelerator.backward``, ``clip_grad_norm_`` and the optimizer's step (via torch's global
+    step pre-hook) and ``zero_grad``.
+    """
+    import accelerate
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    import kdistill.distill.distiller as distiller_module
+    from kdistill.distill.trainer import TrainJob
+
+    def marked(function, phase: str, after: str | None = None):
+        def call(*args, **kwargs):
+            memory.phase = phase
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if after is not None:
+                    memory.phase = after
+        return call
+
+    patches = [(distiller_module.Distiller, "__call__", "student forward", None),
+               (distiller_module, "chunked_distribution_losses", "loss", None),
+               (accelerate.Accelerator, "backward", "backward", None),
+               (torch.nn.utils, "clip_grad_norm_", "optimizer", None),
+               (torch.optim.Optimizer, "zero_grad", "optimizer", None)]
+    if job.teachers is not None:
+        patches.append((type(job.teachers), "__call__", "teacher forward", "loss"))
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _, _ in patches]
+    for owner, name, phase, after in patches:
+        setattr(owner, name, marked(getattr(owner, name), phase, after))
+    step_hook = register_optimizer_step_pre_hook(lambda *args: setattr(memory, "phase", "optimizer"))
+    try:
+        yield TrainJob(**{**job.__dict__, "collator": marked(job.collator, "collate")})
+    finally:
+        step_hook.remove()
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def _run(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import llm_kd
+    from floors import training_state_bytes
+
+    from kdistill.distill.pipeline import build_job
+    from kdistill.distill.trainer import TrainJob
+    from kdistill.distill.trainer import train as train_loop
+    from kdistill.recipe import parse_recipe
+
+    import_rss = llm_kd._rss("VmRSS")
+    out = Path(args.out)
+    train, held = llm_kd._write_data(out, args.train, args.held_out, args.max_length)
+    recipe = parse_recipe(llm_kd._recipe_text(args.case, "trimmed", out, train, held, args))
+    if args.case == "kdistill_cache":
+        llm_kd.write_cache_apart(recipe, args.threads)  # in a process of its own; only checked when complete
+    job, _, _, _ = build_job(recipe)
+    state = training_state_bytes(job.student, list(getattr(job.teachers, "models", ())))
+    llm_kd._reset_peak_rss()
+    with PhaseMemory() as memory, phase_labels(memory, TrainJob(**{**job.__dict__, "eval_examples": None})) as run:
+        train_loop(run, progress=False)
+    records = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["seconds_per_step"] for r in records if "seconds_per_step" in r]
+    return {"case": args.case, "steps": args.steps, "peak_rss_bytes": llm_kd._rss("VmHWM"),
+            "import_rss_bytes": import_rss, "state_bytes": state, "floor_rss_bytes": import_rss + state,
+            "seconds_per_step": seconds, "phases": {p: memory.peaks[p] for p in PHASES if p in memory.peaks},
+            "at_peak": memory.at_peak}
+
+
+def _report(result: dict) -> None:
+    gib = 2**30
+    print(f"\n{result['case']}: {result['steps']} steps, peak RSS {result['peak_rss_bytes'] / gib:.2f} GiB "
+          f"(floor {result['floor_rss_bytes'] / gib:.2f}: imports {result['import_rss_bytes'] / gib:.2f} "
+          f"+ weights, gradients, Adam moments {result['state_bytes'] / gib:.2f})")
+    print(f"{'phase':16} {'peak RSS GiB':>12} {'peak in use GiB':>15}")
+    for phase, peak in result["phases"].items():
+        in_use = "" if peak["in_use"] is None else f"{peak['in_use'] / gib:15.2f}"
+        print(f"{phase:16} {peak['rss'] / gib:12.2f} {in_use}")
+    at = result["at_peak"]
+    parts = [f"{name.replace('_', ' ')} {at[name] / gib:.2f}" for name in
+             ("heap_in_use", "heap_free", "mmapped", "other_anon", "rss_file") if at.get(name) is not None]
+    print(f"highest RSS sampled: {at['rss'] / gib:.2f} GiB in {at['phase']}: " + ", ".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=CASES, default="kdistill_live")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--train", type=int, default=480, help="training rows")
+    parser.add_argument("--held-out", type=int, default=48, help="held-out rows")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--ce-weight", type=float, default=1.0)
+    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--trim-heap", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench-memory-phases")
+    parser.add_argument("--results", default="benchmarks/results/memory_phases.json")
+    args = parser.parse_args()
+    if not Path("/proc/self/statm").exists():
+        sys.exit("skipped: needs Linux's /proc/self")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llm_kd
+
+    if not llm_kd.DATA.exists():
+        sys.exit(f"skipped: {llm_kd.DATA} not found (the benchmark reads SST-2 from ../shared/data)")
+    result = _run(args)
+    _report(result)
+    path = Path(args.results)
+    path.write_text(json.dumps({"config": vars(args), "commit": llm_kd._commit(), "versions": llm_kd._versions(),
+                                "result": result}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
