@@ -2,9 +2,9 @@
 
 Day-to-day speed on a shared machine moves step times by ±20%, often more than the effect being
 measured, so two separate runs can only bound it. Comparing each step with its neighbour, in one
-run where the setting flips every step, cancels the drift out. Used by ``heap_trim_cost.py`` and
-``compile_gain.py``: each case runs twice, starting once with the setting on and once off, so no
-batch is always the one with it on.
+run where the setting flips every step, cancels the drift out. Used by ``heap_trim_cost.py``,
+``compile_gain.py`` and ``cache_overhead.py``: each case runs twice, starting once with the
+setting on and once off, so no batch is always the one with it on.
 """
 
 from __future__ import annotations
@@ -91,8 +91,11 @@ def train_alternating(job, run_dir: Path, first_on: bool, switch: Callable[[bool
         switch(state["on"])
 
     switch(first_on)
-    register_optimizer_step_post_hook(flip)
-    train(TrainJob(**{**job.__dict__, "eval_examples": None}), progress=False)
+    hook = register_optimizer_step_post_hook(flip)
+    try:
+        train(TrainJob(**{**job.__dict__, "eval_examples": None}), progress=False)
+    finally:
+        hook.remove()
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     queue.put({"seconds": [r["seconds_per_step"] for r in records if "seconds_per_step" in r], "on": state["steps"]})
 

@@ -40,6 +40,7 @@ def test_paired_difference_refuses_steps_that_do_not_alternate(seconds, trimmed,
 @pytest.mark.parametrize("module_name, expected", [
     ("heap_trim_cost", {"trim_heap": True, "compile": False, "bf16": False}),
     ("compile_gain", {"trim_heap": False, "compile": True, "bf16": True}),
+    ("cache_overhead", {"trim_heap": False, "compile": True, "bf16": True}),
 ])
 def test_each_paired_benchmark_makes_a_valid_llm_kd_recipe(tmp_path, module_name, expected):
     """Their settings must cover every option ``llm_kd._recipe_text`` reads (``--bf16`` once broke heap_trim_cost)."""
@@ -55,9 +56,62 @@ def test_each_paired_benchmark_makes_a_valid_llm_kd_recipe(tmp_path, module_name
     parser = argparse.ArgumentParser()
     add_run_arguments(parser, module.CASES, steps=10, out=str(tmp_path))
     args = parser.parse_args([])
-    args.fp32 = False  # compile_gain's own option
+    args.fp32 = args.eager = False  # compile_gain's and cache_overhead's own options
     for case in module.CASES:
         text = llm_kd._recipe_text(case, "trimmed", tmp_path, tmp_path / "train.jsonl", tmp_path / "held.jsonl",
                                    module._case_args(args))
         training = parse_recipe(text).training
         assert {k: getattr(training, k) for k in expected} == expected
+
+
+def test_cache_overhead_switch_drops_the_kd_term_and_the_teacher_at_off_steps(tmp_path, tiny_assets, monkeypatch):
+    """Off steps train on the recipe's ``ce`` term alone (the SFT objective) without calling the
+    teacher; on steps on the whole objective; the distiller's own terms are left as they were."""
+    import json
+
+    from cache_overhead import kd_switch
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    def torch_hooks():
+        return list(_global_optimizer_post_hooks)
+    from paired import train_alternating
+
+    import kdistill.distill.distiller as distiller_module
+    from kdistill.distill.pipeline import build_job
+    from kdistill.recipe import parse_recipe
+    from kdistill.signals.live import LiveTeachers
+
+    teacher_calls = []
+    forward = LiveTeachers.__call__
+    monkeypatch.setattr(LiveTeachers, "__call__", lambda self, *a, **k: teacher_calls.append(1) or forward(self, *a, **k))
+    # kd_switch patches the class: monkeypatch puts the original back after the test
+    monkeypatch.setattr(distiller_module.Distiller, "__call__", distiller_module.Distiller.__call__)
+    recipe = parse_recipe(f"""
+name: overhead
+task: causal
+output_dir: {tmp_path / "run"}
+teacher: {tiny_assets["gpt2"]}
+student:
+  init_from_teacher: {{strategy: uniform, num_layers: 2}}
+data:
+  train: {{source: {tiny_assets["train"]}}}
+  max_length: 16
+objective: [{{kind: forward_kl}}, {{kind: ce}}]
+training: {{per_device_train_batch_size: 8, max_steps: 4, learning_rate: 1.0e-3, logging_steps: 1}}
+""")
+    job, _, _, _ = build_job(recipe)
+
+    class Queue:
+        def put(self, item):
+            self.item = item
+
+    queue, hooks = Queue(), torch_hooks()
+    train_alternating(job, recipe.run_dir, True, switch=kd_switch(), queue=queue)
+    assert queue.item["on"] == [True, False, True, False]
+    records = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [("forward_kl" in r, "ce" in r) for r in records if "loss" in r] == [(True, True), (False, True)] * 2
+    assert len(teacher_calls) == 2
+    assert torch_hooks() == hooks  # train_alternating removed its step hook
+    for r in records:
+        if "loss" in r and "forward_kl" not in r:
+            assert r["loss"] == r["ce"]  # the CE term alone, at weight 1
