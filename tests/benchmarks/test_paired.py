@@ -66,20 +66,20 @@ def test_each_paired_benchmark_makes_a_valid_llm_kd_recipe(tmp_path, module_name
 
 def test_cache_overhead_switch_drops_the_kd_term_and_the_teacher_at_off_steps(tmp_path, tiny_assets, monkeypatch):
     """Off steps train on the recipe's ``ce`` term alone (the SFT objective) without calling the
-    teacher; on steps on the whole objective; the distiller's own terms are left as they were."""
+    teacher; on steps on the whole objective (the distiller's own terms are back after each off step)."""
     import json
 
     from cache_overhead import kd_switch
-    from torch.optim.optimizer import _global_optimizer_post_hooks
-
-    def torch_hooks():
-        return list(_global_optimizer_post_hooks)
     from paired import train_alternating
+    from torch.optim.optimizer import _global_optimizer_post_hooks
 
     import kdistill.distill.distiller as distiller_module
     from kdistill.distill.pipeline import build_job
     from kdistill.recipe import parse_recipe
     from kdistill.signals.live import LiveTeachers
+
+    def torch_hooks():
+        return list(_global_optimizer_post_hooks)
 
     teacher_calls = []
     forward = LiveTeachers.__call__
