@@ -25,12 +25,18 @@ Prints a table and writes ``benchmarks/results/cache_overhead.json`` (``--result
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import llm_kd
-from paired import add_run_arguments, checked_cases, measure_cases, train_alternating, write_results
+from paired import (
+    add_run_arguments,
+    case_job,
+    checked_cases,
+    measure_cases,
+    precision,
+    train_alternating,
+    write_results,
+)
 
 CASES = ("kdistill_cache",)
 SKIPPED_STEPS = 4  # compilation, then the recompile for dynamic shapes
@@ -38,10 +44,8 @@ SKIPPED_STEPS = 4  # compilation, then the recompile for dynamic shapes
 
 def _case_args(args) -> argparse.Namespace:
     """``llm_kd.py``'s settings for the cache case: forward KL + CE (weight 1), lr 3e-4, no heap trimming."""
-    precision = {"bf16": False, "teacher_dtype": "float32"} if args.fp32 else {"bf16": True,
-                                                                              "teacher_dtype": "bfloat16"}
     return argparse.Namespace(**{**vars(args), "ce_weight": 1.0, "lr": 3e-4, "gradient_checkpointing": False,
-                                 "trim_heap": False, "compile": not args.eager, **precision})
+                                 "trim_heap": False, "compile": not args.eager, **precision(args.fp32)})
 
 
 def kd_switch() -> Callable[[bool], None]:
@@ -72,14 +76,7 @@ def kd_switch() -> Callable[[bool], None]:
 
 
 def _run(case: str, first_kd: bool, args, out: Path, train: Path, held: Path, queue) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from kdistill.distill.pipeline import build_job
-    from kdistill.recipe import parse_recipe
-
-    recipe = parse_recipe(llm_kd._recipe_text(case, "trimmed", out, train, held, _case_args(args)))
-    job, _, _, _ = build_job(recipe)
+    recipe, job = case_job(case, _case_args(args), out, train, held)
     train_alternating(job, recipe.run_dir, first_kd, queue=queue, switch=kd_switch())
 
 
@@ -90,9 +87,7 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="without training.compile")
     parser.add_argument("--results", default="benchmarks/results/cache_overhead.json")
     args = parser.parse_args()
-    cases = checked_cases(args, CASES)
-    if args.steps < SKIPPED_STEPS + 4:
-        sys.exit(f"--steps: give at least {SKIPPED_STEPS + 4} (the first {SKIPPED_STEPS} are left out)")
+    cases = checked_cases(args, CASES, SKIPPED_STEPS)
     out = Path(args.out) / (("fp32" if args.fp32 else "bf16") + ("-eager" if args.eager else ""))
     rows = measure_cases(cases, _run, args, _case_args(args), out, SKIPPED_STEPS, names=("kd", "ce"))
     for r in rows:  # (b)'s step over (c)'s, from the pairs: (CE-only median + mean Δ) / CE-only median

@@ -26,11 +26,17 @@ Prints a table and writes ``benchmarks/results/compile_gain.json`` (``compile_ga
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import llm_kd
-from paired import add_run_arguments, checked_cases, measure_cases, train_alternating, write_results
+from paired import (
+    add_run_arguments,
+    case_job,
+    checked_cases,
+    measure_cases,
+    precision,
+    train_alternating,
+    write_results,
+)
 
 CASES = ("kdistill_live", "kdistill_cache")
 SKIPPED_STEPS = 4  # compilation, then the recompile for dynamic shapes at the next compiled step
@@ -38,21 +44,14 @@ SKIPPED_STEPS = 4  # compilation, then the recompile for dynamic shapes at the n
 
 def _case_args(args) -> argparse.Namespace:
     """``llm_kd.py``'s settings for its cases: forward KL + CE (weight 1), lr 3e-4, compile on, no heap trimming."""
-    precision = {"bf16": False, "teacher_dtype": "float32"} if args.fp32 else {"bf16": True,
-                                                                              "teacher_dtype": "bfloat16"}
     return argparse.Namespace(**{**vars(args), "ce_weight": 1.0, "lr": 3e-4, "gradient_checkpointing": False,
-                                 "trim_heap": False, "compile": True, **precision})
+                                 "trim_heap": False, "compile": True, **precision(args.fp32)})
 
 
 def _run(case: str, first_compiled: bool, args, out: Path, train: Path, held: Path, queue) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
-    from kdistill.distill.pipeline import build_job
-    from kdistill.recipe import parse_recipe
-
-    recipe = parse_recipe(llm_kd._recipe_text(case, "trimmed", out, train, held, _case_args(args)))
-    job, _, _, _ = build_job(recipe)
+    recipe, job = case_job(case, _case_args(args), out, train, held)
     train_alternating(job, recipe.run_dir, first_compiled, queue=queue,
                       switch=lambda on: torch.compiler.set_stance("default" if on else "force_eager"))
 
@@ -63,14 +62,12 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="fp32 student and teacher (default: bf16 autocast, bf16 teacher)")
     parser.add_argument("--results", default=None, help="default: benchmarks/results/compile_gain[-fp32].json")
     args = parser.parse_args()
-    cases = checked_cases(args, CASES)
-    if args.steps < SKIPPED_STEPS + 4:
-        sys.exit(f"--steps: give at least {SKIPPED_STEPS + 4} (the first {SKIPPED_STEPS} are left out)")
+    cases = checked_cases(args, CASES, SKIPPED_STEPS)
     results = Path(args.results or f"benchmarks/results/compile_gain{'-fp32' if args.fp32 else ''}.json")
     out = Path(args.out) / ("fp32" if args.fp32 else "bf16")
     rows = measure_cases(cases, _run, args, _case_args(args), out, SKIPPED_STEPS, names=("compiled", "eager"))
-    precision = "fp32" if args.fp32 else "bf16 autocast, bf16 teacher"
-    print(f"\ntraining.compile, paired within each run ({precision}; {args.steps} steps × 2 runs per case, "
+    setting = "fp32" if args.fp32 else "bf16 autocast, bf16 teacher"
+    print(f"\ntraining.compile, paired within each run ({setting}; {args.steps} steps × 2 runs per case, "
           f"batch {args.batch})")
     print(f"{'case':<16}{'pairs':>6}{'eager s':>9}{'compiled s':>12}{'paired Δ s':>16}{'gain':>8}{'speed-up':>10}")
     for r in rows:

@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import llm_kd
-from paired import add_run_arguments, checked_cases, measure_cases, train_alternating, write_results
+from paired import add_run_arguments, case_job, checked_cases, measure_cases, train_alternating, write_results
 
 CASES = ("kdistill_live", "kdistill_cache")
 SKIPPED_STEPS = 2  # the first steps: allocator and caches warming up
@@ -40,15 +39,9 @@ def _case_args(args) -> argparse.Namespace:
 
 
 def _run(case: str, first_trimmed: bool, args, out: Path, train: Path, held: Path, queue) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
+    recipe, job = case_job(case, _case_args(args), out, train, held)
     import kdistill.distill.memory as memory
-    from kdistill.distill.pipeline import build_job
-    from kdistill.recipe import parse_recipe
 
-    recipe = parse_recipe(llm_kd._recipe_text(case, "trimmed", out, train, held, _case_args(args)))
-    job, _, _, _ = build_job(recipe)
     gate = {"on": first_trimmed}
     untouched_trim = memory.trim_heap
     memory.trim_heap = lambda: untouched_trim() if gate["on"] else False  # what HeapTrims calls at each point
@@ -60,7 +53,7 @@ def main() -> None:
     add_run_arguments(parser, CASES, steps=50, out="runs/bench-heap-trim")
     parser.add_argument("--results", default="benchmarks/results/heap_trim_cost.json")
     args = parser.parse_args()
-    cases = checked_cases(args, CASES)
+    cases = checked_cases(args, CASES, SKIPPED_STEPS)
     out = Path(args.out)
     rows = measure_cases(cases, _run, args, _case_args(args), out, SKIPPED_STEPS, names=("trimmed", "untrimmed"))
     print(f"\nheap trimming, paired within each run ({args.steps} steps × 2 runs per case, batch {args.batch})")

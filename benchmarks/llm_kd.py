@@ -396,15 +396,17 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", choices=("trimmed", "full", "both"), default="both")
+def add_data_arguments(parser) -> None:
+    """The data, batch and thread options every benchmark built on this one shares."""
     parser.add_argument("--train", type=int, default=480, help="training rows")
     parser.add_argument("--held-out", type=int, default=48, help="held-out rows")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (trimmed vocabulary)")
-    parser.add_argument("--full-steps", type=int, default=20, help="optimizer steps (full vocabulary: ~8× slower)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def add_recipe_arguments(parser) -> None:
+    """The training settings :func:`_recipe_text` reads (beyond the data and ``--steps``)."""
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ce-weight", type=float, default=1.0,
                         help="weight of the hard-label CE added to forward KL in (a) and (b), as in "
@@ -423,7 +425,15 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision for the student in every case (kdistill's training.bf16, TRL's bf16, "
                              "its default); fp32 otherwise")
-    parser.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", choices=("trimmed", "full", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (trimmed vocabulary)")
+    parser.add_argument("--full-steps", type=int, default=20, help="optimizer steps (full vocabulary: ~8× slower)")
+    add_data_arguments(parser)
+    add_recipe_arguments(parser)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", default="runs/bench-llm-kd")
     parser.add_argument("--results", default="benchmarks/results/llm_kd.json")

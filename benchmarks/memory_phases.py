@@ -213,29 +213,19 @@ def _report(result: dict) -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llm_kd
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=CASES, default="kdistill_live")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--train", type=int, default=480, help="training rows")
-    parser.add_argument("--held-out", type=int, default=48, help="held-out rows")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--ce-weight", type=float, default=1.0)
-    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--trim-heap", action="store_true")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    llm_kd.add_data_arguments(parser)
+    llm_kd.add_recipe_arguments(parser)
     parser.add_argument("--out", default="runs/bench-memory-phases")
     parser.add_argument("--results", default="benchmarks/results/memory_phases.json")
     args = parser.parse_args()
     if not Path("/proc/self/statm").exists():
         sys.exit("skipped: needs Linux's /proc/self")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import llm_kd
-
     if not llm_kd.DATA.exists():
         sys.exit(f"skipped: {llm_kd.DATA} not found (the benchmark reads SST-2 from ../shared/data)")
     result = _run(args)

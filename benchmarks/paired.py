@@ -101,14 +101,12 @@ def train_alternating(job, run_dir: Path, first_on: bool, switch: Callable[[bool
 
 
 def add_run_arguments(parser, cases: tuple[str, ...], steps: int, out: str) -> None:
-    """The options both paired benchmarks share (``llm_kd.py``'s data and batch)."""
+    """The options the paired benchmarks share (``llm_kd.py``'s data and batch)."""
+    import llm_kd
+
     parser.add_argument("--cases", default=",".join(cases))
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run (two runs per case)")
-    parser.add_argument("--train", type=int, default=480, help="training rows")
-    parser.add_argument("--held-out", type=int, default=48, help="held-out rows")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    llm_kd.add_data_arguments(parser)
     parser.add_argument("--out", default=out)
 
 
@@ -124,8 +122,9 @@ def write_results(path: Path, args, rows: list[dict]) -> None:
     print(f"wrote {path}")
 
 
-def checked_cases(args, cases: tuple[str, ...]) -> list[str]:
-    """``--cases`` as a list; exits with a one-line reason if a case is unknown or the data is absent."""
+def checked_cases(args, cases: tuple[str, ...], skipped_steps: int) -> list[str]:
+    """``--cases`` as a list; exits with a one-line reason if a case is unknown, ``--steps`` leaves
+    fewer than two pairs after the ``skipped_steps``, or the data is absent."""
     import llm_kd
 
     if not llm_kd.DATA.exists():
@@ -133,7 +132,30 @@ def checked_cases(args, cases: tuple[str, ...]) -> list[str]:
     chosen = args.cases.split(",")
     if unknown := sorted(set(chosen) - set(cases)):
         sys.exit(f"--cases: unknown case {unknown[0]!r} (choose from {', '.join(cases)})")
+    if args.steps < skipped_steps + 4:
+        sys.exit(f"--steps: give at least {skipped_steps + 4} (the first {skipped_steps} are left out)")
     return chosen
+
+
+def precision(fp32: bool) -> dict:
+    """``llm_kd.py``'s precision settings: bf16 autocast with a bf16 teacher, or fp32 for both."""
+    return {"bf16": False, "teacher_dtype": "float32"} if fp32 else {"bf16": True, "teacher_dtype": "bfloat16"}
+
+
+def case_job(case: str, case_args, out: Path, train: Path, held: Path):
+    """In a case's own process: torch set to ``case_args.threads`` threads, then ``llm_kd.py``'s
+    trimmed-vocabulary recipe for ``case`` under ``case_args``, and its job. Returns (recipe, job)."""
+    import torch
+
+    torch.set_num_threads(case_args.threads)
+    import llm_kd
+
+    from kdistill.distill.pipeline import build_job
+    from kdistill.recipe import parse_recipe
+
+    recipe = parse_recipe(llm_kd._recipe_text(case, "trimmed", out, train, held, case_args))
+    job, _, _, _ = build_job(recipe)
+    return recipe, job
 
 
 def measure_cases(cases: list[str], run: Callable, args, case_args, out: Path, skipped_steps: int,
