@@ -13,29 +13,7 @@ from memory_phases import PHASES, PhaseMemory, phase_labels  # noqa: E402
 pytestmark = pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="samples Linux's /proc/self")
 
 
-def _job(tmp_path, assets):
-    from kdistill.distill.pipeline import build_job
-    from kdistill.recipe import parse_recipe
-
-    recipe = parse_recipe(f"""
-name: phases
-task: causal
-output_dir: {tmp_path / "run"}
-teacher: {assets["gpt2"]}
-student:
-  init_from_teacher: {{strategy: uniform, num_layers: 2}}
-data:
-  train: {{source: {assets["train"]}}}
-  max_length: 16
-objective: [{{kind: forward_kl}}, {{kind: ce}}]
-training: {{per_device_train_batch_size: 8, max_steps: 3, learning_rate: 1.0e-3, max_grad_norm: 1.0}}
-""")
-    job, _, _, _ = build_job(recipe)
-    return job
-
-
-def test_every_phase_is_sampled_and_a_teacher_allocation_peaks_in_teacher_forward(tmp_path, tiny_assets,
-                                                                                 monkeypatch):
+def test_every_phase_is_sampled_and_a_teacher_allocation_peaks_in_teacher_forward(tiny_causal_job, monkeypatch):
     from kdistill.distill.trainer import train
     from kdistill.signals.live import LiveTeachers
 
@@ -48,7 +26,7 @@ def test_every_phase_is_sampled_and_a_teacher_allocation_peaks_in_teacher_forwar
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(LiveTeachers, "__call__", heavy_forward)
-    job = _job(tmp_path, tiny_assets)
+    _, job = tiny_causal_job(3)
     with PhaseMemory(interval=0.001) as memory, phase_labels(memory, job) as run:
         train(run, progress=False)
     assert set(memory.peaks) == set(PHASES)
@@ -58,7 +36,7 @@ def test_every_phase_is_sampled_and_a_teacher_allocation_peaks_in_teacher_forwar
     assert memory.at_peak["rss"] == teacher
 
 
-def test_the_trainer_functions_are_restored_afterwards(tmp_path, tiny_assets):
+def test_the_trainer_functions_are_restored_afterwards(tiny_causal_job):
     import accelerate
 
     import kdistill.distill.distiller as distiller_module
@@ -67,7 +45,7 @@ def test_the_trainer_functions_are_restored_afterwards(tmp_path, tiny_assets):
     before = [distiller_module.Distiller.__call__, distiller_module.chunked_distribution_losses,
               accelerate.Accelerator.backward, torch.nn.utils.clip_grad_norm_, torch.optim.Optimizer.zero_grad,
               LiveTeachers.__call__]
-    job = _job(tmp_path, tiny_assets)
+    _, job = tiny_causal_job(3)
     with PhaseMemory() as memory, phase_labels(memory, job) as run:
         assert distiller_module.Distiller.__call__ is not before[0]
         assert run.collator is not job.collator

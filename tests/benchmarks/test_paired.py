@@ -64,7 +64,7 @@ def test_each_paired_benchmark_makes_a_valid_llm_kd_recipe(tmp_path, module_name
         assert {k: getattr(training, k) for k in expected} == expected
 
 
-def test_cache_overhead_switch_drops_the_kd_term_and_the_teacher_at_off_steps(tmp_path, tiny_assets, monkeypatch):
+def test_cache_overhead_switch_drops_the_kd_term_and_the_teacher_at_off_steps(tiny_causal_job, monkeypatch):
     """Off steps train on the recipe's ``ce`` term alone (the SFT objective) without calling the
     teacher; on steps on the whole objective (the distiller's own terms are back after each off step)."""
     import json
@@ -74,8 +74,6 @@ def test_cache_overhead_switch_drops_the_kd_term_and_the_teacher_at_off_steps(tm
     from torch.optim.optimizer import _global_optimizer_post_hooks
 
     import kdistill.distill.distiller as distiller_module
-    from kdistill.distill.pipeline import build_job
-    from kdistill.recipe import parse_recipe
     from kdistill.signals.live import LiveTeachers
 
     def torch_hooks():
@@ -86,20 +84,7 @@ def test_cache_overhead_switch_drops_the_kd_term_and_the_teacher_at_off_steps(tm
     monkeypatch.setattr(LiveTeachers, "__call__", lambda self, *a, **k: teacher_calls.append(1) or forward(self, *a, **k))
     # kd_switch patches the class: monkeypatch puts the original back after the test
     monkeypatch.setattr(distiller_module.Distiller, "__call__", distiller_module.Distiller.__call__)
-    recipe = parse_recipe(f"""
-name: overhead
-task: causal
-output_dir: {tmp_path / "run"}
-teacher: {tiny_assets["gpt2"]}
-student:
-  init_from_teacher: {{strategy: uniform, num_layers: 2}}
-data:
-  train: {{source: {tiny_assets["train"]}}}
-  max_length: 16
-objective: [{{kind: forward_kl}}, {{kind: ce}}]
-training: {{per_device_train_batch_size: 8, max_steps: 4, learning_rate: 1.0e-3, logging_steps: 1}}
-""")
-    job, _, _, _ = build_job(recipe)
+    recipe, job = tiny_causal_job(4)
 
     class Queue:
         def put(self, item):
