@@ -1,9 +1,9 @@
-"""Benchmark: where a training step's memory peaks, phase by phase (one case of ``llm_kd.py``).
+"""Benchmark: where a training step's memory peaks and its time goes, phase by phase (one case of ``llm_kd.py``).
 
 Trains one kdistill case of ``benchmarks/llm_kd.py`` (the same recipe, data and options) while a
 thread samples, every millisecond, the process's resident memory (RSS) and, with glibc, what
 malloc has handed out and not taken back ("in use"). Each sample is labelled with the phase of
-the step running then:
+the step running then, and the time between phase changes is summed per step and phase:
 
     setup            before the first step (the trainer preparing the models, compiling them)
     collate          the step's start: trimming (``--trim-heap``) and collating the batch
@@ -13,7 +13,8 @@ the step running then:
     backward         autograd's backward pass
     optimizer        gradient clipping, the optimizer step, zeroing the gradients
 
-Printed: each phase's peak RSS and peak in-use memory, and the make-up of the run's highest RSS:
+Printed: each phase's peak RSS, peak in-use memory and median seconds per step (steps after
+the first two, which compile, and before the last, which also exports), and the make-up of the run's highest RSS:
 malloc's heap (in use and free), its mmapped chunks, the rest of the anonymous memory (Python's
 object arenas, thread stacks, ...) and file-backed pages (the libraries), next to the floor of
 ``llm_kd.py`` (the process after its imports, plus the weights, gradients and Adam moments).
@@ -32,6 +33,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -74,12 +76,15 @@ class PhaseMemory:
 
     ``peaks[phase] = {"rss": bytes, "in_use": bytes or None}``; ``at_peak``: the phase and the
     make-up of the highest RSS sampled (heap in use and free, mmapped chunks, other anonymous and
-    file-backed pages). Linux only (``/proc/self``). Use as a context manager.
+    file-backed pages); :meth:`step_seconds`: the time spent in each phase, step by step. Linux
+    only (``/proc/self``). Use as a context manager.
     """
 
     def __init__(self, interval: float = 0.001) -> None:
         self.interval = interval
-        self.phase = "setup"
+        self._phase = "setup"
+        self._timeline: list[tuple[str, float]] = [("setup", time.perf_counter())]
+        self._end: float | None = None
         self.peaks: dict[str, dict] = {}
         self.at_peak: dict = {}
         self._mallinfo = _mallinfo2()
@@ -91,8 +96,32 @@ class PhaseMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._end = time.perf_counter()
         self._stop.set()
         self._thread.join()
+
+    @property
+    def phase(self) -> str:
+        """The phase running now; setting it starts that phase's clock."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        self._timeline.append((phase, time.perf_counter()))
+        self._phase = phase
+
+    def step_seconds(self) -> list[dict[str, float]]:
+        """Seconds per phase, one dict per step: a step starts where ``collate`` follows another
+        phase (what ran before the first one is a step of its own, ``setup``). Call after exit."""
+        end = self._end if self._end is not None else time.perf_counter()
+        steps: list[dict[str, float]] = []
+        previous = None
+        for (phase, start), (_, stop) in zip(self._timeline, [*self._timeline[1:], ("", end)]):
+            if not steps or (phase == "collate" and previous != "collate"):
+                steps.append({})
+            steps[-1][phase] = steps[-1].get(phase, 0.0) + stop - start
+            previous = phase
+        return steps
 
     def sample(self) -> None:
         """One sample, attributed to the current phase."""
@@ -125,7 +154,7 @@ def phase_labels(memory: PhaseMemory, job) -> Iterator:
     """Label ``memory.phase`` from the trainer's own calls while ``train(job)`` runs; yields the
     job to train (its collator wrapped). Every patched function is restored on exit.
 
-    Marks: the collator (step start), ``Distiller.__call__`` (student forward, its first act),
+    Marks: ``HeapTrims.trim`` and the collator (step start), ``Distiller.__call__`` (student forward, its first act),
     the teachers' ``__call__`` (teacher forward; loss after it returns), the chunked loss,
     ``Accelerator.backward``, ``clip_grad_norm_`` and the optimizer's step (via torch's global
     step pre-hook) and ``zero_grad``.
@@ -135,6 +164,7 @@ def phase_labels(memory: PhaseMemory, job) -> Iterator:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     import kdistill.distill.distiller as distiller_module
+    from kdistill.distill.memory import HeapTrims
     from kdistill.distill.trainer import TrainJob
 
     def marked(function, phase: str, after: str | None = None):
@@ -147,7 +177,8 @@ def phase_labels(memory: PhaseMemory, job) -> Iterator:
                     memory.phase = after
         return call
 
-    patches = [(distiller_module.Distiller, "__call__", "student forward", None),
+    patches = [(HeapTrims, "trim", "collate", None),
+               (distiller_module.Distiller, "__call__", "student forward", None),
                (distiller_module, "chunked_distribution_losses", "loss", None),
                (accelerate.Accelerator, "backward", "backward", None),
                (torch.nn.utils, "clip_grad_norm_", "optimizer", None),
@@ -191,10 +222,16 @@ def _run(args) -> dict:
         train_loop(run, progress=False)
     records = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["seconds_per_step"] for r in records if "seconds_per_step" in r]
+    timed = memory.step_seconds()[-args.steps:][2:-1]  # the training steps, less compiling and exporting ones
+    phases = {p: {**memory.peaks[p], "median_seconds": phase_median(timed, p)} for p in PHASES if p in memory.peaks}
     return {"case": args.case, "steps": args.steps, "peak_rss_bytes": llm_kd._rss("VmHWM"),
             "import_rss_bytes": import_rss, "state_bytes": state, "floor_rss_bytes": import_rss + state,
-            "seconds_per_step": seconds, "phases": {p: memory.peaks[p] for p in PHASES if p in memory.peaks},
-            "at_peak": memory.at_peak}
+            "seconds_per_step": seconds, "timed_steps": len(timed), "phases": phases, "at_peak": memory.at_peak}
+
+
+def phase_median(steps: list[dict[str, float]], phase: str) -> float | None:
+    """Median over ``steps`` of the seconds spent in ``phase`` (0 in a step without it); None without steps."""
+    return statistics.median(step.get(phase, 0.0) for step in steps) if steps else None
 
 
 def _report(result: dict) -> None:
@@ -202,10 +239,12 @@ def _report(result: dict) -> None:
     print(f"\n{result['case']}: {result['steps']} steps, peak RSS {result['peak_rss_bytes'] / gib:.2f} GiB "
           f"(floor {result['floor_rss_bytes'] / gib:.2f}: imports {result['import_rss_bytes'] / gib:.2f} "
           f"+ weights, gradients, Adam moments {result['state_bytes'] / gib:.2f})")
-    print(f"{'phase':16} {'peak RSS GiB':>12} {'peak in use GiB':>15}")
+    print(f"{'phase':16} {'peak RSS GiB':>12} {'peak in use GiB':>15} {'median s/step':>13}")
     for phase, peak in result["phases"].items():
-        in_use = "" if peak["in_use"] is None else f"{peak['in_use'] / gib:15.2f}"
-        print(f"{phase:16} {peak['rss'] / gib:12.2f} {in_use}")
+        in_use = " " * 15 if peak["in_use"] is None else f"{peak['in_use'] / gib:15.2f}"
+        median = "" if peak["median_seconds"] is None or phase == "setup" else f"{peak['median_seconds']:13.3f}"
+        print(f"{phase:16} {peak['rss'] / gib:12.2f} {in_use} {median}")
+    print(f"(median seconds over {result['timed_steps']} steps: all but the first two and the last)")
     at = result["at_peak"]
     parts = [f"{name.replace('_', ' ')} {at[name] / gib:.2f}" for name in
              ("heap_in_use", "heap_free", "mmapped", "other_anon", "rss_file") if at.get(name) is not None]

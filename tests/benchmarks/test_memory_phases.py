@@ -1,4 +1,4 @@
-"""benchmarks/memory_phases.py: each sample of memory is put down to the phase of the step running then."""
+"""benchmarks/memory_phases.py: each sample of memory, and each second, is put down to the phase of the step running then."""
 
 import sys
 import time
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from memory_phases import PHASES, PhaseMemory, phase_labels  # noqa: E402
+from memory_phases import PHASES, PhaseMemory, phase_labels, phase_median  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="samples Linux's /proc/self")
 
@@ -34,22 +34,41 @@ def test_every_phase_is_sampled_and_a_teacher_allocation_peaks_in_teacher_forwar
     teacher = memory.peaks["teacher forward"]["rss"]
     assert all(teacher > peak["rss"] + 128 * 2**20 for phase, peak in memory.peaks.items() if phase != "teacher forward")
     assert memory.at_peak["rss"] == teacher
+    steps = memory.step_seconds()[-3:]  # the three training steps: the held 50 ms is in each teacher forward
+    assert all(step["teacher forward"] >= 0.05 and step["student forward"] < 0.05 for step in steps)
+    assert phase_median(steps, "teacher forward") >= 0.05
+
+
+def test_step_seconds_split_at_collate_and_sum_each_phase():  # collate twice: the heap trim, then the collator
+    with PhaseMemory() as memory:
+        for _ in range(2):
+            for phase, held in (("collate", 0.0), ("collate", 0.0), ("student forward", 0.02), ("loss", 0.0),
+                                ("student forward", 0.01), ("optimizer", 0.0)):
+                memory.phase = phase
+                time.sleep(held)
+    setup, *steps = memory.step_seconds()
+    assert set(setup) == {"setup"} and len(steps) == 2
+    for step in steps:
+        assert set(step) == {"collate", "student forward", "loss", "optimizer"}
+        assert 0.03 <= step["student forward"] < 0.03 + 0.02  # both spans summed
+    assert phase_median(steps, "backward") == 0.0 and phase_median([], "loss") is None
 
 
 def test_the_trainer_functions_are_restored_afterwards(tiny_causal_job):
     import accelerate
 
     import kdistill.distill.distiller as distiller_module
+    from kdistill.distill.memory import HeapTrims
     from kdistill.signals.live import LiveTeachers
 
     before = [distiller_module.Distiller.__call__, distiller_module.chunked_distribution_losses,
               accelerate.Accelerator.backward, torch.nn.utils.clip_grad_norm_, torch.optim.Optimizer.zero_grad,
-              LiveTeachers.__call__]
+              LiveTeachers.__call__, HeapTrims.trim]
     _, job = tiny_causal_job(3)
     with PhaseMemory() as memory, phase_labels(memory, job) as run:
         assert distiller_module.Distiller.__call__ is not before[0]
         assert run.collator is not job.collator
     after = [distiller_module.Distiller.__call__, distiller_module.chunked_distribution_losses,
              accelerate.Accelerator.backward, torch.nn.utils.clip_grad_norm_, torch.optim.Optimizer.zero_grad,
-             LiveTeachers.__call__]
+             LiveTeachers.__call__, HeapTrims.trim]
     assert after == before
