@@ -14,6 +14,9 @@ for kdistill), AdamW at a constant learning rate, gradients clipped at 1.0.
     (c) plain SFT of the student        (cross-entropy, no teacher)
     (d) TRL's GKDTrainer, off-policy (lmbda = 0, beta = 0: forward KL), TRL's defaults otherwise
         except fp32 on CPU as for (a)–(c) (TRL's default is bf16 mixed precision: ``--bf16``)
+    (e) only with ``--cases ...,trl_sft``: TRL's SFTTrainer on the same student, settings as (d), no
+        teacher: what plain fine-tuning of the student costs in TRL (its loss takes the student's
+        log-probabilities from TRL's fused, chunked head, no B×L×V logits)
 
 ``--bf16`` trains the student under bf16 mixed precision in all four cases (kdistill's
 ``training.bf16``, TRL's ``bf16``, which is TRL's own default; autocast on a CPU, bf16 GEMMs on
@@ -90,7 +93,9 @@ from floors import count_flops, gemm_rate, gemm_shapes, training_state_bytes
 from packing import pack_sentences
 
 DATA = Path("../shared/data/sst2/sentences-train.txt")
-CASES = ("kdistill_live", "kdistill_cache", "sft", "trl_gkd")
+CASES = ("kdistill_live", "kdistill_cache", "sft", "trl_gkd", "trl_sft")
+DEFAULT_CASES = CASES[:4]
+TRL_CASES = ("trl_gkd", "trl_sft")
 TEACHER = "gemma-3-270m"
 
 
@@ -128,7 +133,7 @@ def _write_data(out: Path, n_train: int, n_held: int, max_length: int) -> tuple[
 
 
 def _recipe_text(case: str, vocab: str, out: Path, train: Path, held: Path, args) -> str:
-    if case == "sft":
+    if case in ("sft", "trl_sft"):
         objective = "[{kind: ce}]"
     elif args.ce_weight:
         objective = f"[{{kind: forward_kl}}, {{kind: ce, weight: {args.ce_weight}}}]"
@@ -173,7 +178,7 @@ def _teacher_id_examples(examples: list[dict], plan) -> list[dict]:
 
 
 def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, queue) -> None:
-    if case == "trl_gkd":  # before this process's first bf16 GEMM, when the caches read them
+    if case in TRL_CASES:  # before this process's first bf16 GEMM, when the caches read them
         os.environ.update(args.trl_onednn_env)
     import torch
 
@@ -195,8 +200,8 @@ def _run_case(case: str, vocab: str, args, out: Path, train: Path, held: Path, q
     job, _, sizes, extras = build_job(recipe)
     plan = extras["vocab_plan"]
     tokens_per_row = statistics.fmean(sum(ex["attention_mask"]) for ex in job.train_examples)
-    if case == "trl_gkd":
-        step_times = _train_trl(job, args, out / vocab, args.steps)
+    if case in TRL_CASES:
+        step_times = _train_trl(case, job, args, out / vocab, args.steps)
     else:
         _reset_peak_rss()
         train_loop(TrainJob(**{**job.__dict__, "eval_examples": None}), progress=False)
@@ -233,8 +238,8 @@ def _floors(case: str, job, args, out: Path, import_rss: int) -> dict:
 
     teachers = list(getattr(job.teachers, "models", ()))  # live teachers; none for the cache and SFT
     state = training_state_bytes(job.student, teachers)
-    if case == "trl_gkd":
-        flops = count_flops(lambda: _train_trl(job, args, out / "flops", 1))
+    if case in TRL_CASES:
+        flops = count_flops(lambda: _train_trl(case, job, args, out / "flops", 1))
     else:
         one_step = TrainJob(**{**job.__dict__, "training": job.training.model_copy(update={"max_steps": 1}),
                                "run_dir": out / f"{case}-flops", "eval_examples": None})
@@ -282,26 +287,33 @@ def _write_cache(recipe, threads: int, seconds) -> None:
     seconds.put(time.perf_counter() - start)
 
 
-def _train_trl(job, args, out: Path, steps: int) -> list[float]:
-    """TRL's GKDTrainer on the same student, examples, collator and optimizer settings, for ``steps`` steps."""
+def _train_trl(case: str, job, args, out: Path, steps: int, tokenizer: str = TEACHER) -> list[float]:
+    """TRL's GKDTrainer (``trl_gkd``) or SFTTrainer (``trl_sft``) on the same student, examples,
+    collator and optimizer settings, for ``steps`` steps; the step times. ``tokenizer``: the model
+    whose tokenizer TRL is given (the examples are tokenized already)."""
     import datasets
     import torch
     from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from kdistill.models.resolve import load_tokenizer
 
-    # the recipe's live teacher, trimmed by build_job to the student's kept ids when there is a plan
-    (teacher,) = job.teachers.models
     rows = [{k: ex[k] for k in ("input_ids", "attention_mask", "labels", "example_id")} for ex in job.train_examples]
-    config = GKDConfig(output_dir=str(out / "trl_gkd"), lmbda=0.0, beta=0.0, temperature=1.0,
-                       per_device_train_batch_size=args.batch, learning_rate=args.lr, max_steps=steps,
-                       lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
-                       save_strategy="no", report_to=[], use_cpu=True, bf16=args.bf16, torch_compile=args.compile,
-                       gradient_checkpointing=args.gradient_checkpointing,
-                       gradient_checkpointing_kwargs={"use_reentrant": False},
-                       seed=0, dataloader_num_workers=0, remove_unused_columns=False,
-                       dataset_kwargs={"skip_prepare_dataset": True}, max_length=args.max_length)
+    settings = dict(output_dir=str(out / case), per_device_train_batch_size=args.batch, learning_rate=args.lr,
+                    max_steps=steps, lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0,
+                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=args.bf16,
+                    torch_compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
+                    gradient_checkpointing_kwargs={"use_reentrant": False}, seed=0, dataloader_num_workers=0,
+                    remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                    max_length=args.max_length)
+    if case == "trl_gkd":
+        # the recipe's live teacher, trimmed by build_job to the student's kept ids when there is a plan
+        (teacher,) = job.teachers.models
+        kind, extra = GKDTrainer, {"teacher_model": teacher,
+                                   "args": GKDConfig(lmbda=0.0, beta=0.0, temperature=1.0, **settings)}
+    else:
+        kind, extra = SFTTrainer, {"args": SFTConfig(**settings)}
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -314,9 +326,8 @@ def _train_trl(job, args, out: Path, steps: int) -> list[float]:
     def collate(batch):
         return {k: v for k, v in job.collator(batch).items() if k != "example_ids"}
 
-    trainer = GKDTrainer(model=job.student, teacher_model=teacher, args=config,
-                         train_dataset=datasets.Dataset.from_list(rows), processing_class=load_tokenizer(TEACHER),
-                         data_collator=collate, callbacks=[StepTimer()])
+    trainer = kind(model=job.student, train_dataset=datasets.Dataset.from_list(rows),
+                   processing_class=load_tokenizer(tokenizer), data_collator=collate, callbacks=[StepTimer()], **extra)
     _reset_peak_rss()
     trainer.train()
     torch.manual_seed(0)
@@ -434,14 +445,18 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=20, help="optimizer steps (full vocabulary: ~8× slower)")
     add_data_arguments(parser)
     add_recipe_arguments(parser)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--out", default="runs/bench-llm-kd")
     parser.add_argument("--results", default="benchmarks/results/llm_kd.json")
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
-    if "trl_gkd" in args.cases.split(",") and importlib.util.find_spec("trl") is None:
-        sys.exit("case trl_gkd needs TRL: pip install -e '.[bench]' (or leave it out with --cases)")
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        sys.exit(f"--cases: unknown {', '.join(sorted(unknown))} (cases: {', '.join(CASES)})")
+    trl_cases = sorted(set(args.cases.split(",")) & set(TRL_CASES))
+    if trl_cases and importlib.util.find_spec("trl") is None:
+        sys.exit(f"case {', '.join(trl_cases)} needs TRL: pip install -e '.[bench]' (or leave it out with --cases)")
     started_env = dict(os.environ)  # before kdistill is imported (it bounds oneDNN's caches)
     out = Path(args.out)
     train, held = _write_data(out, args.train, args.held_out, args.max_length)
