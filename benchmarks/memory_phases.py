@@ -154,10 +154,11 @@ def phase_labels(memory: PhaseMemory, job) -> Iterator:
     """Label ``memory.phase`` from the trainer's own calls while ``train(job)`` runs; yields the
     job to train (its collator wrapped). Every patched function is restored on exit.
 
-    Marks: ``HeapTrims.trim`` and the collator (step start), ``Distiller.__call__`` (student forward, its first act),
-    the teachers' ``__call__`` (teacher forward; loss after it returns), the chunked loss,
-    ``Accelerator.backward``, ``clip_grad_norm_`` and the optimizer's step (via torch's global
-    step pre-hook) and ``zero_grad``.
+    Marks: the step's start (the heap trim that follows the optimizer, ``HeapTrims.trim``, and the
+    collator; the trims ``HeapTrims``' hooks make inside a forward or backward keep that phase's
+    label), ``Distiller.__call__`` (student forward, its first act), the teachers' ``__call__``
+    (teacher forward; loss after it returns), the chunked loss, ``Accelerator.backward``,
+    ``clip_grad_norm_`` and the optimizer's step (via torch's global step pre-hook) and ``zero_grad``.
     """
     import accelerate
     import torch
@@ -177,8 +178,14 @@ def phase_labels(memory: PhaseMemory, job) -> Iterator:
                     memory.phase = after
         return call
 
-    patches = [(HeapTrims, "trim", "collate", None),
-               (distiller_module.Distiller, "__call__", "student forward", None),
+    def step_start(trim):  # the trainer's trim opens a step; the hooks' trims inside a phase keep its label
+        def call(self, *args, **kwargs):
+            if memory.phase in ("setup", "optimizer"):
+                memory.phase = "collate"
+            return trim(self, *args, **kwargs)
+        return call
+
+    patches = [(distiller_module.Distiller, "__call__", "student forward", None),
                (distiller_module, "chunked_distribution_losses", "loss", None),
                (accelerate.Accelerator, "backward", "backward", None),
                (torch.nn.utils, "clip_grad_norm_", "optimizer", None),
@@ -186,8 +193,10 @@ def phase_labels(memory: PhaseMemory, job) -> Iterator:
     if job.teachers is not None:
         patches.append((type(job.teachers), "__call__", "teacher forward", "loss"))
     originals = [(owner, name, owner.__dict__[name]) for owner, name, _, _ in patches]
+    originals.append((HeapTrims, "trim", HeapTrims.__dict__["trim"]))
     for owner, name, phase, after in patches:
         setattr(owner, name, marked(getattr(owner, name), phase, after))
+    HeapTrims.trim = step_start(HeapTrims.trim)
     step_hook = register_optimizer_step_pre_hook(lambda *args: setattr(memory, "phase", "optimizer"))
     try:
         yield TrainJob(**{**job.__dict__, "collator": marked(job.collator, "collate")})

@@ -39,6 +39,30 @@ def test_every_phase_is_sampled_and_a_teacher_allocation_peaks_in_teacher_forwar
     assert phase_median(steps, "teacher forward") >= 0.05
 
 
+def test_heap_trims_count_as_the_start_of_their_step(tiny_causal_job, monkeypatch):
+    """With ``trim_heap`` each step starts with a trim: its time is the step's ``collate``; the trims
+    that the hooks make inside the forwards and backward neither start a step nor relabel it."""
+    from kdistill.distill.memory import HeapTrims
+    from kdistill.distill.trainer import TrainJob, train
+
+    trim = HeapTrims.trim
+
+    def slow_trim(self):
+        time.sleep(0.03)
+        trim(self)
+
+    monkeypatch.setattr(HeapTrims, "trim", slow_trim)
+    _, job = tiny_causal_job(3)
+    job = TrainJob(**{**job.__dict__, "training": job.training.model_copy(update={"trim_heap": True})})
+    with PhaseMemory() as memory, phase_labels(memory, job) as run:
+        train(run, progress=False)
+    steps = memory.step_seconds()[-3:]
+    for step in steps:
+        assert set(step) == {"collate", "student forward", "teacher forward", "loss", "backward", "optimizer"}
+        assert 0.03 <= step["collate"] < 0.06 and step["optimizer"] < 0.03
+        assert step["student forward"] >= 0.03 and step["backward"] >= 0.03  # the hooks' trims
+
+
 def test_step_seconds_split_at_collate_and_sum_each_phase():  # collate twice: the heap trim, then the collator
     with PhaseMemory() as memory:
         for _ in range(2):
