@@ -19,7 +19,9 @@ malloc's heap (in use and free), its mmapped chunks, the rest of the anonymous m
 object arenas, thread stacks, ...) and file-backed pages (the libraries), next to the floor of
 ``llm_kd.py`` (the process after its imports, plus the weights, gradients and Adam moments).
 RSS above "in use" is memory the C library keeps after it was freed; in use above the floor is
-what the step itself holds (activations, the loss's buffers, gradients).
+what the step itself holds (activations, the loss's buffers, gradients). With ``--trim-heap`` the
+heap's free part includes pages given back to the OS (malloc counts them, RSS does not), so the
+other anonymous memory, found by difference, comes out too small, even below zero.
 
     python benchmarks/memory_phases.py --bf16 --teacher-dtype bfloat16 --compile   # live teacher, ~3 min
     python benchmarks/memory_phases.py --case kdistill_cache --bf16 --teacher-dtype bfloat16 --compile
