@@ -1,9 +1,10 @@
 """Benchmark: where a training step's memory peaks and its time goes, phase by phase (one case of ``llm_kd.py``).
 
 Trains one kdistill case of ``benchmarks/llm_kd.py`` (the same recipe, data and options) while a
-thread samples, every millisecond, the process's resident memory (RSS) and, with glibc, what
-malloc has handed out and not taken back ("in use"). Each sample is labelled with the phase of
-the step running then, and the time between phase changes is summed per step and phase:
+thread samples, every millisecond and at every change of phase, the process's resident memory
+(RSS) and, with glibc, what malloc has handed out and not taken back ("in use"). Each sample is
+labelled with the phase of the step running then, and the time between phase changes is summed
+per step and phase:
 
     setup            before the first step (the trainer preparing the models, compiling them)
     collate          the step's start: trimming (``--trim-heap``) and collating the batch
@@ -74,7 +75,8 @@ def _status_bytes(*fields: str) -> dict[str, int]:
 
 
 class PhaseMemory:
-    """A thread that samples RSS (and malloc's in-use bytes) every ``interval`` s, per ``phase``.
+    """A thread that samples RSS (and malloc's in-use bytes) every ``interval`` s, per ``phase``;
+    each change of phase takes a sample too.
 
     ``peaks[phase] = {"rss": bytes, "in_use": bytes or None}``; ``at_peak``: the phase and the
     make-up of the highest RSS sampled (heap in use and free, mmapped chunks, other anonymous and
@@ -90,6 +92,7 @@ class PhaseMemory:
         self.peaks: dict[str, dict] = {}
         self.at_peak: dict = {}
         self._mallinfo = _mallinfo2()
+        self._lock = threading.Lock()  # the thread's samples and those taken at phase changes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="phase-memory", daemon=True)
 
@@ -111,6 +114,7 @@ class PhaseMemory:
     def phase(self, phase: str) -> None:
         self._timeline.append((phase, time.perf_counter()))
         self._phase = phase
+        self.sample()  # so a phase shorter than the sampling interval is sampled too
 
     def step_seconds(self) -> list[dict[str, float]]:
         """Seconds per phase, one dict per step: a step starts where ``collate`` follows another
@@ -127,7 +131,10 @@ class PhaseMemory:
 
     def sample(self) -> None:
         """One sample, attributed to the current phase."""
-        phase = self.phase
+        with self._lock:
+            self._sample(self.phase)
+
+    def _sample(self, phase: str) -> None:
         with open("/proc/self/statm") as statm:
             rss = int(statm.read().split()[1]) * _PAGE
         info = self._mallinfo() if self._mallinfo is not None else None
@@ -148,7 +155,7 @@ class PhaseMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sample()
-            time.sleep(self.interval)
+            self._stop.wait(self.interval)
 
 
 @contextmanager

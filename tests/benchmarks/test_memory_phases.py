@@ -63,6 +63,15 @@ def test_heap_trims_count_as_the_start_of_their_step(tiny_causal_job, monkeypatc
         assert step["student forward"] >= 0.03 and step["backward"] >= 0.03  # the hooks' trims
 
 
+def test_a_phase_shorter_than_the_interval_is_sampled():
+    """Each change of phase takes a sample: a tiny job's collate lasts less than a millisecond."""
+    with PhaseMemory(interval=60.0) as memory:  # the thread samples once, at the start
+        memory.phase = "collate"
+        memory.phase = "loss"
+    assert {"collate", "loss"} <= set(memory.peaks) <= {"setup", "collate", "loss"}
+    assert memory.peaks["collate"]["rss"] > 0
+
+
 def test_step_seconds_split_at_collate_and_sum_each_phase():  # collate twice: the heap trim, then the collator
     with PhaseMemory() as memory:
         for _ in range(2):
