@@ -407,6 +407,20 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def require_data() -> None:
+    """Exit with a one-line reason where the SST-2 sentences this benchmark (and those built on it) read are absent."""
+    if not DATA.exists():
+        sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
+
+
+def chosen_cases(text: str, cases: tuple[str, ...]) -> list[str]:
+    """``--cases`` (comma-separated) as a list; exits with a one-line reason if one is not in ``cases``."""
+    chosen = text.split(",")
+    if unknown := sorted(set(chosen) - set(cases)):
+        sys.exit(f"--cases: unknown case {unknown[0]!r} (choose from {', '.join(cases)})")
+    return chosen
+
+
 def add_data_arguments(parser) -> None:
     """The data, batch and thread options every benchmark built on this one shares."""
     parser.add_argument("--train", type=int, default=480, help="training rows")
@@ -449,12 +463,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-llm-kd")
     parser.add_argument("--results", default="benchmarks/results/llm_kd.json")
     args = parser.parse_args()
-    if not DATA.exists():
-        sys.exit(f"skipped: {DATA} not found (the benchmark reads SST-2 from ../shared/data)")
-    unknown = set(args.cases.split(",")) - set(CASES)
-    if unknown:
-        sys.exit(f"--cases: unknown {', '.join(sorted(unknown))} (cases: {', '.join(CASES)})")
-    trl_cases = sorted(set(args.cases.split(",")) & set(TRL_CASES))
+    require_data()
+    cases = chosen_cases(args.cases, CASES)
+    trl_cases = sorted(set(cases) & set(TRL_CASES))
     if trl_cases and importlib.util.find_spec("trl") is None:
         sys.exit(f"case {', '.join(trl_cases)} needs TRL: pip install -e '.[bench]' (or leave it out with --cases)")
     started_env = dict(os.environ)  # before kdistill is imported (it bounds oneDNN's caches)
@@ -470,7 +481,7 @@ def main() -> None:
     for vocab in ("trimmed", "full") if args.vocab == "both" else (args.vocab,):
         vocab_args = argparse.Namespace(**{**vars(args), "steps": args.steps if vocab == "trimmed" else args.full_steps})
         rows = []
-        for case in args.cases.split(","):
+        for case in cases:
             queue = ctx.Queue()
             proc = ctx.Process(target=_run_case, args=(case, vocab, vocab_args, out, train, held, queue))
             proc.start()

@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import llm_kd
+
 PHASES = ("setup", "collate", "student forward", "teacher forward", "loss", "backward", "optimizer")
 CASES = ("kdistill_live", "kdistill_cache", "sft")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -63,15 +65,6 @@ def _mallinfo2():
         return None
     function.restype = _MallInfo2
     return function
-
-
-def _status_bytes(*fields: str) -> dict[str, int]:
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name = line.split(":")[0]
-        if name in fields:
-            found[name] = int(line.split()[1]) * 1024
-    return found
 
 
 class PhaseMemory:
@@ -144,13 +137,12 @@ class PhaseMemory:
         if in_use is not None:
             peak["in_use"] = max(peak["in_use"] or 0, in_use)
         if rss > self.at_peak.get("rss", 0):
-            status = _status_bytes("RssAnon", "RssFile")
-            self.at_peak = {"phase": phase, "rss": rss, "rss_file": status.get("RssFile"),
-                            "rss_anon": status.get("RssAnon")}
+            rss_anon = llm_kd._rss("RssAnon")
+            self.at_peak = {"phase": phase, "rss": rss, "rss_file": llm_kd._rss("RssFile"), "rss_anon": rss_anon}
             if info is not None:
                 heap = info.arena  # main and thread arenas: malloc'd (sbrk/arena) memory, used or free
                 self.at_peak.update(heap_in_use=info.uordblks, heap_free=info.fordblks, mmapped=info.hblkhd,
-                                    other_anon=status.get("RssAnon", 0) - heap - info.hblkhd)
+                                    other_anon=rss_anon - heap - info.hblkhd)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -219,7 +211,6 @@ def _run(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import llm_kd
     from floors import training_state_bytes
 
     from kdistill.distill.pipeline import build_job
@@ -270,9 +261,6 @@ def _report(result: dict) -> None:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import llm_kd
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=CASES, default="kdistill_live")
     parser.add_argument("--steps", type=int, default=12)
@@ -283,8 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path("/proc/self/statm").exists():
         sys.exit("skipped: needs Linux's /proc/self")
-    if not llm_kd.DATA.exists():
-        sys.exit(f"skipped: {llm_kd.DATA} not found (the benchmark reads SST-2 from ../shared/data)")
+    llm_kd.require_data()
     result = _run(args)
     _report(result)
     path = Path(args.results)

@@ -127,11 +127,8 @@ def checked_cases(args, cases: tuple[str, ...], skipped_steps: int) -> list[str]
     fewer than two pairs after the ``skipped_steps``, or the data is absent."""
     import llm_kd
 
-    if not llm_kd.DATA.exists():
-        sys.exit(f"skipped: {llm_kd.DATA} not found (the benchmark reads SST-2 from ../shared/data)")
-    chosen = args.cases.split(",")
-    if unknown := sorted(set(chosen) - set(cases)):
-        sys.exit(f"--cases: unknown case {unknown[0]!r} (choose from {', '.join(cases)})")
+    llm_kd.require_data()
+    chosen = llm_kd.chosen_cases(args.cases, cases)
     if args.steps < skipped_steps + 4:
         sys.exit(f"--steps: give at least {skipped_steps + 4} (the first {skipped_steps} are left out)")
     return chosen
