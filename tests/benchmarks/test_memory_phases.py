@@ -94,14 +94,14 @@ def test_the_trainer_functions_are_restored_afterwards(tiny_causal_job):
     from kdistill.distill.memory import HeapTrims
     from kdistill.signals.live import LiveTeachers
 
-    before = [distiller_module.Distiller.__call__, distiller_module.chunked_distribution_losses,
-              accelerate.Accelerator.backward, torch.nn.utils.clip_grad_norm_, torch.optim.Optimizer.zero_grad,
-              LiveTeachers.__call__, HeapTrims.trim]
+    def patched():
+        return [distiller_module.Distiller.__call__, distiller_module.chunked_distribution_losses,
+                accelerate.Accelerator.backward, torch.nn.utils.clip_grad_norm_, torch.optim.Optimizer.zero_grad,
+                LiveTeachers.__call__, HeapTrims.trim]
+
+    before = patched()
     _, job = tiny_causal_job(3)
     with PhaseMemory() as memory, phase_labels(memory, job) as run:
         assert distiller_module.Distiller.__call__ is not before[0]
         assert run.collator is not job.collator
-    after = [distiller_module.Distiller.__call__, distiller_module.chunked_distribution_losses,
-             accelerate.Accelerator.backward, torch.nn.utils.clip_grad_norm_, torch.optim.Optimizer.zero_grad,
-             LiveTeachers.__call__, HeapTrims.trim]
-    assert after == before
+    assert patched() == before
