@@ -119,6 +119,33 @@ def test_live_teacher_of_a_trimmed_student_is_trimmed_to_the_kept_tokens(tmp_pat
     assert float(F.mse_loss(t_logp, s_logp)) > 0  # a real comparison, not two copies of one model
 
 
+def test_build_job_loads_each_tokenizer_once(tmp_path, tiny_assets, monkeypatch) -> None:
+    """The student's tokenizer, the vocabulary check's and the cache manifest's are one load of
+    the teacher's (a Gemma 3 tokenizer costs ~0.3 GiB to load); a cache still opens, the trimmed
+    student still gets the trimmed tokenizer, and the untrimmed one is not kept by the job."""
+    import kdistill.distill.pipeline as pipeline
+
+    loaded = []
+    load = pipeline.load_tokenizer
+
+    def counted(ref, **kwargs):
+        loaded.append(ref)
+        return load(ref, **kwargs)
+
+    cached = parse_recipe(_cached_recipe(tmp_path, tiny_assets, extra_student=", vocab: {keep: corpus}"))
+    run_cache(cached)
+    monkeypatch.setattr(pipeline, "load_tokenizer", counted)
+    live = parse_recipe(_cached_recipe(tmp_path, tiny_assets, name="live-once", extra_student=", vocab: {keep: corpus}")
+                        .replace("signal: {source: cache, k: 8, shard_size: 32}\n", ""))
+    full = len(AutoTokenizer.from_pretrained(tiny_assets["gpt2"]))
+    for recipe in (cached, live):
+        loaded.clear()
+        job, tokenizer, _, extras = pipeline.build_job(recipe)
+        assert loaded == [str(tiny_assets["gpt2"])]
+        assert len(tokenizer) == extras["vocab_plan"].new_size < full
+        assert job.collator.tokenizer is tokenizer
+
+
 def test_bf16_teacher_live_and_cached(tmp_path, tiny_assets) -> None:
     """``teacher: {dtype: bfloat16}``: the live teacher's body runs in bf16 (the student stays
     fp32) and its first-step loss is close to the fp32 teacher's; a cache written by the bf16
