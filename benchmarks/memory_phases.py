@@ -16,8 +16,9 @@ per step and phase:
 
 Printed: each phase's peak RSS, peak in-use memory and median seconds per step (steps after
 the first two, which compile, and before the last, which also exports), and the make-up of the run's highest RSS:
-malloc's heap (in use and free), its mmapped chunks, the rest of the anonymous memory (Python's
-object arenas, thread stacks, ...) and file-backed pages (the libraries), next to the floor of
+malloc's heap (in use and free), its mmapped chunks, Python's object arenas (pymalloc's, as of
+the last change of phase), the rest of the anonymous memory (thread stacks, the C libraries' own
+mappings, ...) and file-backed pages (the libraries), next to the floor of
 ``llm_kd.py`` (the process after its imports, plus the weights, gradients and Adam moments).
 RSS above "in use" is memory the C library keeps after it was freed; in use above the floor is
 what the step itself holds (activations, the loss's buffers, gradients). With ``--trim-heap`` the
@@ -36,8 +37,10 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -67,14 +70,44 @@ def _mallinfo2():
     return function
 
 
+def python_heap() -> dict | None:
+    """CPython's small-object allocator (pymalloc: objects of ≤ 512 bytes, in arenas it maps
+    itself, apart from malloc): ``{"arenas": bytes mapped, "objects": bytes of live objects}``,
+    parsed from ``sys._debugmallocstats`` (which writes to the C-level stderr, caught here in a
+    temporary file; ~0.5 ms with 300 arenas). None where there is no such report (another
+    interpreter, ``PYTHONMALLOC=malloc``). Call from the main thread: fd 2 is swapped meanwhile."""
+    report = getattr(sys, "_debugmallocstats", None)
+    if report is None:
+        return None
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile("w+") as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                report()
+            finally:
+                os.dup2(saved, 2)
+            caught.seek(0)
+            text = caught.read()
+    finally:
+        os.close(saved)
+    objects = re.search(r"^# bytes in allocated blocks\s*=\s*([\d,]+)", text, re.M)
+    arenas = re.search(r"^Total\s*=\s*([\d,]+)", text, re.M)  # the first total: all arenas
+    if objects is None or arenas is None:
+        return None
+    return {"arenas": int(arenas[1].replace(",", "")), "objects": int(objects[1].replace(",", ""))}
+
+
 class PhaseMemory:
     """A thread that samples RSS (and malloc's in-use bytes) every ``interval`` s, per ``phase``;
     each change of phase takes a sample too.
 
     ``peaks[phase] = {"rss": bytes, "in_use": bytes or None}``; ``at_peak``: the phase and the
-    make-up of the highest RSS sampled (heap in use and free, mmapped chunks, other anonymous and
-    file-backed pages); :meth:`step_seconds`: the time spent in each phase, step by step. Linux
-    only (``/proc/self``). Use as a context manager.
+    make-up of the highest RSS sampled (heap in use and free, mmapped chunks, Python's arenas and
+    objects, other anonymous and file-backed pages); :meth:`step_seconds`: the time spent in each
+    phase, step by step. Linux only (``/proc/self``). Use as a context manager; set ``phase``
+    from the main thread (Python's heap is read there, at each change: :func:`python_heap`).
     """
 
     def __init__(self, interval: float = 0.001) -> None:
@@ -85,6 +118,7 @@ class PhaseMemory:
         self.peaks: dict[str, dict] = {}
         self.at_peak: dict = {}
         self._mallinfo = _mallinfo2()
+        self._python = python_heap()  # as of the last change of phase
         self._lock = threading.Lock()  # the thread's samples and those taken at phase changes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="phase-memory", daemon=True)
@@ -107,6 +141,7 @@ class PhaseMemory:
     def phase(self, phase: str) -> None:
         self._timeline.append((phase, time.perf_counter()))
         self._phase = phase
+        self._python = python_heap()
         self.sample()  # so a phase shorter than the sampling interval is sampled too
 
     def step_seconds(self) -> list[dict[str, float]]:
@@ -139,10 +174,13 @@ class PhaseMemory:
         if rss > self.at_peak.get("rss", 0):
             rss_anon = llm_kd._rss("RssAnon")
             self.at_peak = {"phase": phase, "rss": rss, "rss_file": llm_kd._rss("RssFile"), "rss_anon": rss_anon}
+            python = self._python
+            if python is not None:
+                self.at_peak.update(python_arenas=python["arenas"], python_objects=python["objects"])
             if info is not None:
                 heap = info.arena  # main and thread arenas: malloc'd (sbrk/arena) memory, used or free
                 self.at_peak.update(heap_in_use=info.uordblks, heap_free=info.fordblks, mmapped=info.hblkhd,
-                                    other_anon=rss_anon - heap - info.hblkhd)
+                                    other_anon=rss_anon - heap - info.hblkhd - (python or {}).get("arenas", 0))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -256,7 +294,8 @@ def _report(result: dict) -> None:
     print(f"(median seconds over {result['timed_steps']} steps: all but the first two and the last)")
     at = result["at_peak"]
     parts = [f"{name.replace('_', ' ')} {at[name] / gib:.2f}" for name in
-             ("heap_in_use", "heap_free", "mmapped", "other_anon", "rss_file") if at.get(name) is not None]
+             ("heap_in_use", "heap_free", "mmapped", "python_arenas", "python_objects", "other_anon", "rss_file")
+             if at.get(name) is not None]
     print(f"highest RSS sampled: {at['rss'] / gib:.2f} GiB in {at['phase']}: " + ", ".join(parts))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from memory_phases import PHASES, PhaseMemory, phase_labels, phase_median  # noqa: E402
+from memory_phases import PHASES, PhaseMemory, phase_labels, phase_median, python_heap  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="samples Linux's /proc/self")
 
@@ -70,6 +70,25 @@ def test_a_phase_shorter_than_the_interval_is_sampled():
         memory.phase = "loss"
     assert {"collate", "loss"} <= set(memory.peaks) <= {"setup", "collate", "loss"}
     assert memory.peaks["collate"]["rss"] > 0
+
+
+def test_python_objects_are_counted_apart_from_the_other_anonymous_memory():
+    """~70 MiB of small Python objects show in Python's arenas at the next change of phase, and
+    not in the anonymous memory left over (which is found by difference)."""
+    if python_heap() is None:
+        pytest.skip("no pymalloc report in this interpreter")
+    with PhaseMemory(interval=60.0) as memory:  # the thread samples once, at the start
+        memory.phase = "collate"
+        before = dict(memory.at_peak)
+        objects = [(i, str(i)) for i in range(10**6, 2 * 10**6)]  # a tuple, an int and a str each: pymalloc's
+        memory.phase = "loss"
+        after = memory.at_peak
+    assert len(objects) == 10**6 and after["phase"] == "loss"
+    assert after["python_objects"] <= after["python_arenas"]
+    assert after["python_arenas"] - before["python_arenas"] >= 64 * 2**20
+    assert after["python_objects"] - before["python_objects"] >= 64 * 2**20
+    if "other_anon" in after:  # glibc
+        assert abs(after["other_anon"] - before["other_anon"]) < 16 * 2**20
 
 
 def test_step_seconds_split_at_collate_and_sum_each_phase():  # collate twice: the heap trim, then the collator
