@@ -139,11 +139,13 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
                                  **head_kwargs)
                       for t in recipe.teachers]
     spec = recipe.student
-    if spec.init_from_teacher is not None:
-        init = spec.init_from_teacher
+    init = spec.init_from_teacher
+    if init is not None:
         _, stack = find_layer_stack(teacher_models[0])
         layers = select_layers(len(stack), init.strategy, init.num_layers, init.layers)
-        student = student_from_teacher(teacher_models[0], layers)
+        # a student with a trimmed vocabulary is made once the examples have planned it, so that its
+        # full-vocabulary embeddings are never copied
+        student = student_from_teacher(teacher_models[0], layers) if init.vocab is None else None
         tokenizer = tokenizer_of(recipe.teachers[0].model)
         log.info("student = teacher layers %s", layers)
     else:
@@ -162,7 +164,7 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
                 raise ConfigError(f"teacher {t_spec.model!r} and the student use different tokenizers; {why}")
     if vocab_terms:
         widths = {m.get_output_embeddings().weight.shape[0] for m in [student, *teacher_models]
-                  if m.get_output_embeddings() is not None}
+                  if m is not None and m.get_output_embeddings() is not None}
         if len(widths) > 1:
             vocab_size = len(tokenizer)
 
@@ -176,10 +178,10 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     teacher_examples = train_examples  # in the teacher's token ids (what a cache was written on)
 
     plan = None
-    init = spec.init_from_teacher
     if init is not None and init.vocab is not None:
-        plan, student, tokenizer, train_examples, eval_examples = _trim_vocabulary(
-            student, tokenizer, train_examples, eval_examples, init.vocab.max_size)
+        plan, tokenizer, train_examples, eval_examples = _trim_vocabulary(
+            tokenizer, train_examples, eval_examples, init.vocab.max_size)
+        student = student_from_teacher(teacher_models[0], layers, vocab_plan=plan)
         vocab_size = None  # teacher targets are mapped into the student's vocabulary
 
     sizes = {"student": count_parameters(student)}
@@ -209,14 +211,15 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
     return job, tokenizer, sizes, extras
 
 
-def _trim_vocabulary(student, tokenizer, train_examples, eval_examples, max_size):
-    """Trim the student to the tokens of its training (and validation) examples; map the examples.
+def _trim_vocabulary(tokenizer, train_examples, eval_examples, max_size):
+    """Plan the vocabulary of the training (and validation) examples; trim the tokenizer to it and
+    map the examples. Returns the plan, the trimmed tokenizer and the mapped examples.
 
     The examples keep their positions (the trimmed tokenizer reproduces the original tokenization
     on this corpus), so cached teacher rows stay aligned. An example with a dropped token (only
     possible with ``max_size``) is a :class:`DataError` naming it.
     """
-    from kdistill.models.vocab import plan_vocabulary, trim_model, trim_tokenizer
+    from kdistill.models.vocab import plan_vocabulary, trim_tokenizer
 
     corpus = [ex["input_ids"] for ex in train_examples + (eval_examples or [])]
     plan = plan_vocabulary(tokenizer, corpus, max_size=max_size)
@@ -238,7 +241,7 @@ def _trim_vocabulary(student, tokenizer, train_examples, eval_examples, max_size
     train = mapped(train_examples, "training")
     evaluation = mapped(eval_examples, "validation") if eval_examples else eval_examples
     log.info("vocabulary trimmed from %d to %d tokens", plan.old_size, plan.new_size)
-    return plan, trim_model(student, plan), trim_tokenizer(tokenizer, plan), train, evaluation
+    return plan, trim_tokenizer(tokenizer, plan), train, evaluation
 
 
 def run_cache(recipe: Recipe, progress=None) -> dict:

@@ -436,6 +436,23 @@ def _wrapper_kwargs(tokenizer, backend) -> dict:
 # --------------------------------------------------------------------------------------------- model
 
 
+def vocabulary_parameters(model: PreTrainedModel) -> list[Tensor]:
+    """The parameters :func:`trim_model` replaces: input embeddings' weight, output head's weight
+    and bias (a tied weight once). Empty where the model has no ``nn.Embedding`` input embeddings."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return []
+    if not isinstance(embeddings, nn.Embedding):
+        return []
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    found = [embeddings.weight] + ([head.weight, head.bias] if isinstance(head, nn.Linear) else [])
+    return list({id(p): p for p in found if p is not None}.values())
+
+
 def trim_model(model: PreTrainedModel, plan: VocabPlan) -> PreTrainedModel:
     """Keep only the rows of ``plan.kept_ids`` in ``model``'s embeddings and output head (in place).
 

@@ -233,3 +233,50 @@ def test_count_parameters_counts_tied_embeddings_once(tied: bool) -> None:
     assert student["embedding"] == counts["embedding"]
     assert student["non_embedding"] == counts["non_embedding"] - 2 * sum(
         p.numel() for p in model.transformer.h[1].parameters())
+
+
+def _plan(old_size: int, kept: list[int]):
+    from kdistill.models.vocab import VocabCoverage, VocabPlan
+
+    old_to_new = torch.full((old_size,), -1, dtype=torch.long)
+    old_to_new[kept] = torch.arange(len(kept))
+    coverage = VocabCoverage(old_size, len(kept), len(kept), len(kept), 0, 0, 0, len(kept), len(kept))
+    return VocabPlan(tuple(kept), old_to_new, torch.tensor(kept), coverage)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama, _gemma3, _bert_mlm, _bert_cls])
+def test_a_trimmed_student_equals_trimming_the_copy_and_shares_nothing_with_the_teacher(build, monkeypatch) -> None:
+    """``vocab_plan`` gives the student that trimming the full copy gives (weights, config, outputs),
+    tied or not, with or without a head, without deep-copying a full-vocabulary weight; the teacher
+    is unchanged and no student weight is a teacher's."""
+    from kdistill.models.vocab import trim_model
+
+    teacher = build()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    plan = _plan(teacher.config.vocab_size, [0, 2, 3, 5, 8, 13, 21, 34, 55, 89])
+    copied = []
+    deepcopy = torch.nn.Parameter.__deepcopy__
+
+    def recorded(self, memo):
+        if id(self) not in memo:
+            copied.append(tuple(self.shape))
+        return deepcopy(self, memo)
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", recorded)
+    student = student_from_teacher(teacher, [0, 2], vocab_plan=plan)
+    assert copied and not [shape for shape in copied if teacher.config.vocab_size in shape]
+    monkeypatch.undo()
+    reference = trim_model(student_from_teacher(teacher, [0, 2]), plan)
+
+    assert student.config.to_dict() == reference.config.to_dict()
+    have, want = student.state_dict(), reference.state_dict()
+    assert have.keys() == want.keys() and all(torch.equal(have[k], want[k]) for k in want)
+    assert student.get_input_embeddings().num_embeddings == plan.new_size
+    assert all(p.requires_grad for p in student.parameters())
+    teacher_storage = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()}
+    assert not teacher_storage & {t.untyped_storage().data_ptr() for t in have.values()}
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    ids = torch.tensor([[1, 4, 9, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(input_ids=ids).logits, reference.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=0)
