@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +12,9 @@ from transformers import PreTrainedModel
 
 from kdistill.errors import ModelError
 from kdistill.models.layers import LAYER_COUNT_FIELDS, find_layer_stack, select_layers, text_config
+
+if TYPE_CHECKING:
+    from kdistill.models.vocab import VocabPlan
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +30,11 @@ LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id")
 
 
 def student_from_teacher(
-    teacher: PreTrainedModel, layer_indices: list[int], *, trainable: bool = True, vocab_plan=None
+    teacher: PreTrainedModel,
+    layer_indices: list[int],
+    *,
+    trainable: bool = True,
+    vocab_plan: VocabPlan | None = None,
 ) -> PreTrainedModel:
     """A copy of ``teacher`` keeping only the layers ``layer_indices`` (weights copied).
 
