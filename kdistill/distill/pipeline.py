@@ -191,9 +191,10 @@ def build_job(recipe: Recipe) -> tuple[TrainJob, object, dict]:
         from kdistill.signals.cache import hash_examples, hash_model, hash_tokenizer, open_cache
         from kdistill.signals.cached import CachedTeacher
 
+        tokenizer_sha256 = hash_tokenizer(tokenizer_of(recipe.teachers[0].model))
+        tokenizer_of.cache_clear()  # an untrimmed tokenizer goes before every teacher weight is read
         teacher = set_inference_precision(teacher_models[0], recipe.teachers[0].dtype)  # as kdistill cache ran it
-        expect = {"teacher_sha256": hash_model(teacher),
-                  "tokenizer_sha256": hash_tokenizer(tokenizer_of(recipe.teachers[0].model)),
+        expect = {"teacher_sha256": hash_model(teacher), "tokenizer_sha256": tokenizer_sha256,
                   "data_sha256": hash_examples(teacher_examples), "k": recipe.signal.k,
                   "temperature": recipe.signal.temperature}
         cache = open_cache(recipe.cache_dir, expect=expect)

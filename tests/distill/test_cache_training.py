@@ -122,28 +122,40 @@ def test_live_teacher_of_a_trimmed_student_is_trimmed_to_the_kept_tokens(tmp_pat
 def test_build_job_loads_each_tokenizer_once(tmp_path, tiny_assets, monkeypatch) -> None:
     """The student's tokenizer, the vocabulary check's and the cache manifest's are one load of
     the teacher's (a Gemma 3 tokenizer costs ~0.3 GiB to load); a cache still opens, the trimmed
-    student still gets the trimmed tokenizer, and the untrimmed one is not kept by the job."""
+    student still gets the trimmed tokenizer, and the untrimmed one is freed before the cache's
+    manifest check reads every teacher weight."""
     import kdistill.distill.pipeline as pipeline
 
-    loaded = []
-    load = pipeline.load_tokenizer
+    import weakref
+
+    import kdistill.signals.cache as cache_module
+
+    loaded, alive_at_hashing = [], []
+    load, hash_model = pipeline.load_tokenizer, cache_module.hash_model
 
     def counted(ref, **kwargs):
-        loaded.append(ref)
-        return load(ref, **kwargs)
+        tokenizer = load(ref, **kwargs)
+        loaded.append((ref, weakref.ref(tokenizer)))
+        return tokenizer
+
+    def hashing(model):  # the teacher's weights are read: the untrimmed tokenizer is gone by then
+        alive_at_hashing.extend(tokenizer() is not None for _, tokenizer in loaded)
+        return hash_model(model)
 
     cached = parse_recipe(_cached_recipe(tmp_path, tiny_assets, extra_student=", vocab: {keep: corpus}"))
     run_cache(cached)
     monkeypatch.setattr(pipeline, "load_tokenizer", counted)
+    monkeypatch.setattr(cache_module, "hash_model", hashing)
     live = parse_recipe(_cached_recipe(tmp_path, tiny_assets, name="live-once", extra_student=", vocab: {keep: corpus}")
                         .replace("signal: {source: cache, k: 8, shard_size: 32}\n", ""))
     full = len(AutoTokenizer.from_pretrained(tiny_assets["gpt2"]))
     for recipe in (cached, live):
         loaded.clear()
         job, tokenizer, _, extras = pipeline.build_job(recipe)
-        assert loaded == [str(tiny_assets["gpt2"])]
+        assert [ref for ref, _ in loaded] == [str(tiny_assets["gpt2"])]
         assert len(tokenizer) == extras["vocab_plan"].new_size < full
         assert job.collator.tokenizer is tokenizer
+    assert alive_at_hashing == [False]  # the cache recipe's one load
 
 
 def test_bf16_teacher_live_and_cached(tmp_path, tiny_assets) -> None:
