@@ -124,10 +124,9 @@ def test_build_job_loads_each_tokenizer_once(tmp_path, tiny_assets, monkeypatch)
     the teacher's (a Gemma 3 tokenizer costs ~0.3 GiB to load); a cache still opens, the trimmed
     student still gets the trimmed tokenizer, and the untrimmed one is freed before the cache's
     manifest check reads every teacher weight."""
-    import kdistill.distill.pipeline as pipeline
-
     import weakref
 
+    import kdistill.distill.pipeline as pipeline
     import kdistill.signals.cache as cache_module
 
     loaded, alive_at_hashing = [], []
