@@ -7,6 +7,11 @@ lists every example, ``summary.json`` is there, ``report/metrics.json`` is there
 is rerun and resumes from what it wrote (generation and caching continue their files; training
 continues from its last checkpoint). A stage whose input files changed since it ran (see
 :mod:`kdistill.stage_inputs`) runs again from the start, and so does every stage after it.
+
+The stages share one process. After each, freed memory goes back to the OS
+(:func:`~kdistill.distill.memory.return_free_memory`): glibc keeps a stage's freed heap, and the
+next stage's peak came on top of it (the Gemma demo: 1.48 GiB resident after ``generate``
+against 0.37 before it, and a 2.96 GiB peak in ``cache``, ~0.5 GiB above any stage's own).
 """
 
 from __future__ import annotations
@@ -151,6 +156,9 @@ def run_stages(recipe: Recipe, *, from_stage: str | None = None, only: str | Non
         start = time.perf_counter()
         metrics = _run_stage(recipe, stage, forced=stage in forced or stale,
                              evaluate_options=evaluate_options or {}) or metrics
+        from kdistill.distill.memory import return_free_memory  # here: torch only once a stage has run
+
+        return_free_memory()  # the next stage starts from what the process holds, not what this one freed
         record(recipe, stage, files, finished=True)  # the files as they were when it started
         done[stage] = round(time.perf_counter() - start, 1)
         report(f"{stage}: done in {done[stage]:.0f} s")

@@ -142,3 +142,22 @@ def test_outputs_of_an_earlier_run_are_not_taken_for_a_failed_run_on_new_data(ca
         assert not any("finished earlier, skipped" in line for line in lines), (attempt, lines)
     assert "distill: its outputs are from a run on other inputs; running it and the stages after it again" in lines
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()  # the earlier student is kept
+
+
+def test_freed_memory_goes_back_after_each_stage_that_ran(tmp_path, recipe_text, monkeypatch) -> None:
+    """The stages share one process: after each one that ran (not a skipped one), before the next
+    starts, garbage is collected and the C heap trimmed."""
+    import kdistill.distill.memory as memory
+    import kdistill.stages as stages
+
+    events: list[str] = []
+    run_stage, trim = stages._run_stage, memory.return_free_memory
+    monkeypatch.setattr(stages, "_run_stage", lambda recipe, stage, **kw: events.append(stage) or run_stage(
+        recipe, stage, **kw))
+    monkeypatch.setattr(memory, "return_free_memory", lambda: events.append("trim") or trim())
+    text, _ = recipe_text
+    _run(text)
+    assert events == ["distill", "trim", "evaluate", "trim"]
+    events.clear()
+    _run(text)
+    assert events == []  # both skipped
