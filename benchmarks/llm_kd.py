@@ -99,11 +99,18 @@ TRL_CASES = ("trl_gkd", "trl_sft")
 TEACHER = "gemma-3-270m"
 
 
-def _rss(field: str) -> int:
+def _status(*fields: str) -> dict[str, int]:
+    """Bytes of the given ``/proc/self/status`` fields (kB there), from one read; 0 for a field not there."""
+    values = dict.fromkeys(fields, 0)
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+        name, _, rest = line.partition(":")
+        if name in values:
+            values[name] = int(rest.split()[0]) * 1024
+    return values
+
+
+def _rss(field: str) -> int:
+    return _status(field)[field]
 
 
 def _reset_peak_rss() -> None:

@@ -172,8 +172,9 @@ class PhaseMemory:
         if in_use is not None:
             peak["in_use"] = max(peak["in_use"] or 0, in_use)
         if rss > self.at_peak.get("rss", 0):
-            rss_anon = llm_kd._rss("RssAnon")
-            self.at_peak = {"phase": phase, "rss": rss, "rss_file": llm_kd._rss("RssFile"), "rss_anon": rss_anon}
+            status = llm_kd._status("RssAnon", "RssFile")  # one read: both from the same moment
+            rss_anon = status["RssAnon"]
+            self.at_peak = {"phase": phase, "rss": rss, "rss_file": status["RssFile"], "rss_anon": rss_anon}
             python = self._python
             if python is not None:
                 self.at_peak.update(python_arenas=python["arenas"], python_objects=python["objects"])
